@@ -136,6 +136,7 @@ impl Node {
         let kv = get(v1_get).put(v1_put).delete(v1_delete);
         Router::new()
             .route("/v1/kv/{*key}", kv)
+            .route("/v1/kv/", axum::routing::any(api::empty_key))
             .route("/put", post(demo_put))
             .route("/get", get(demo_get))
             .route("/delete", get(demo_delete).delete(demo_delete))

@@ -449,10 +449,7 @@ impl Store {
         }
         let txn = self.db.begin_read()?;
         let table = txn.open_table(LOG)?;
-        Ok(table
-            .get(seq)?
-            .map(|v| entry_epoch(v.value()))
-            .transpose()?)
+        table.get(seq)?.map(|v| entry_epoch(v.value())).transpose()
     }
 
     /// Streams a consistent copy of every key into `sink`, framed by [`SnapshotCodec`],
