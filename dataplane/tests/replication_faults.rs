@@ -4,8 +4,8 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -251,102 +251,6 @@ async fn stale_leader_is_fenced_then_truncates_and_converges() {
     }
 }
 
-/// Tiny deterministic PRNG (xorshift) so a failing run can be replayed from its seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-/// Writers that each own their keys and write increasing counters to the current leader,
-/// recording the highest acknowledged counter per key.
-struct History {
-    leader: Arc<RwLock<String>>,
-    acked: Arc<Mutex<HashMap<String, u64>>>,
-    stop: Arc<AtomicBool>,
-    writes: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl History {
-    fn start(leader: &str, writers: usize) -> History {
-        let h = History {
-            leader: Arc::new(RwLock::new(leader.to_string())),
-            acked: Arc::default(),
-            stop: Arc::default(),
-            writes: Arc::default(),
-            tasks: Vec::new(),
-        };
-        let mut tasks = Vec::new();
-        for w in 0..writers {
-            let (leader, acked, stop, writes) = (
-                h.leader.clone(),
-                h.acked.clone(),
-                h.stop.clone(),
-                h.writes.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
-                let http = Http::default();
-                let mut counter = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    counter += 1;
-                    let key = format!("h{w}-{}", counter % 16);
-                    let addr = leader.read().unwrap().clone();
-                    let r = http
-                        .try_req(
-                            Method::PUT,
-                            &addr,
-                            &format!("/v1/kv/{key}"),
-                            counter.to_string(),
-                        )
-                        .await;
-                    match r {
-                        Some(r) if r.status.is_success() => {
-                            writes.fetch_add(1, Ordering::Relaxed);
-                            let mut a = acked.lock().unwrap();
-                            let e = a.entry(key).or_default();
-                            *e = (*e).max(counter);
-                        }
-                        _ => tokio::time::sleep(Duration::from_millis(10)).await,
-                    }
-                }
-            }));
-        }
-        History { tasks, ..h }
-    }
-
-    async fn finish(self) -> HashMap<String, u64> {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        self.acked.lock().unwrap().clone()
-    }
-
-    /// Counts acknowledged writes not readable with their value or a later one.
-    async fn lost(acked: &HashMap<String, u64>, leader: &str) -> usize {
-        let http = Http::default();
-        let mut lost = 0;
-        for (key, &counter) in acked {
-            let r = http.get(leader, &format!("/v1/kv/{key}")).await;
-            let found: u64 = if r.status == 200 {
-                String::from_utf8_lossy(&r.body).parse().unwrap()
-            } else {
-                0
-            };
-            if found < counter {
-                lost += 1;
-                println!("LOST: {key} acknowledged at {counter}, reads {found}");
-            }
-        }
-        lost
-    }
-}
-
 /// Kills the leader of a 3-replica shard at random moments under concurrent writers,
 /// promoting the most up-to-date in-sync follower each time, then brings the old leader
 /// back as a follower. Returns the acknowledged writes lost.
@@ -362,7 +266,7 @@ async fn kill_leader_rounds(mode: AckMode, rounds: usize) -> (usize, u64) {
     let mut leader = 0;
     let mut epoch = 1;
     shard.assign(leader, epoch, &[0, 1, 2]).await;
-    let history = History::start(&shard.nodes[leader].addr, 8);
+    let history = History::start(&shard.nodes[leader].addr, 8, "h");
     for round in 0..rounds {
         tokio::time::sleep(Duration::from_millis(150 + rng.next() % 400)).await;
         shard.nodes[leader].kill9();

@@ -1,9 +1,12 @@
 //! Test harness: real `distkv` processes on loopback, in temporary directories.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -404,5 +407,109 @@ impl Shard {
             (a.last_seq == b.last_seq && a.digest == b.digest && a.keys == b.keys).then_some(b)
         })
         .await
+    }
+}
+
+/// Tiny deterministic PRNG (xorshift) so a failing run can be replayed from its seed.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Writers that each own their keys and write increasing counters to the current leader,
+/// recording the highest acknowledged counter per key.
+pub struct History {
+    pub leader: Arc<RwLock<String>>,
+    pub acked: Arc<Mutex<HashMap<String, u64>>>,
+    pub stop: Arc<AtomicBool>,
+    pub writes: Arc<AtomicU64>,
+    /// Milliseconds since `t0` at which the latest successful request was sent.
+    pub last_success_sent_ms: Arc<AtomicU64>,
+    pub t0: Instant,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl History {
+    pub fn start(leader: &str, writers: usize, prefix: &str) -> History {
+        let h = History {
+            leader: Arc::new(RwLock::new(leader.to_string())),
+            acked: Arc::default(),
+            stop: Arc::default(),
+            writes: Arc::default(),
+            last_success_sent_ms: Arc::default(),
+            t0: Instant::now(),
+            tasks: Vec::new(),
+        };
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let (leader, acked, stop, writes) = (
+                h.leader.clone(),
+                h.acked.clone(),
+                h.stop.clone(),
+                h.writes.clone(),
+            );
+            let (last, t0, prefix) = (h.last_success_sent_ms.clone(), h.t0, prefix.to_string());
+            tasks.push(tokio::spawn(async move {
+                let http = Http::default();
+                let mut counter = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    counter += 1;
+                    let key = format!("{prefix}{w}-{}", counter % 16);
+                    let addr = leader.read().unwrap().clone();
+                    let sent = t0.elapsed().as_millis() as u64;
+                    let r = http
+                        .try_req(
+                            Method::PUT,
+                            &addr,
+                            &format!("/v1/kv/{key}"),
+                            counter.to_string(),
+                        )
+                        .await;
+                    match r {
+                        Some(r) if r.status.is_success() => {
+                            writes.fetch_add(1, Ordering::Relaxed);
+                            last.fetch_max(sent, Ordering::Relaxed);
+                            let mut a = acked.lock().unwrap();
+                            let e = a.entry(key).or_default();
+                            *e = (*e).max(counter);
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+            }));
+        }
+        History { tasks, ..h }
+    }
+
+    pub async fn finish(self) -> HashMap<String, u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        self.acked.lock().unwrap().clone()
+    }
+
+    /// Counts acknowledged writes not readable with their value or a later one.
+    pub async fn lost(acked: &HashMap<String, u64>, leader: &str) -> usize {
+        let http = Http::default();
+        let mut lost = 0;
+        for (key, &counter) in acked {
+            let r = http.get(leader, &format!("/v1/kv/{key}")).await;
+            let found: u64 = if r.status == 200 {
+                String::from_utf8_lossy(&r.body).parse().unwrap()
+            } else {
+                0
+            };
+            if found < counter {
+                lost += 1;
+                println!("LOST: {key} acknowledged at {counter}, reads {found}");
+            }
+        }
+        lost
     }
 }
