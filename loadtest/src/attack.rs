@@ -234,6 +234,7 @@ async fn demo_put(user: &mut GooseUser, plan: Arc<Plan>) -> TransactionResult {
     let request = GooseRequest::builder()
         .method(GooseMethod::Post)
         .path("/put")
+        .name("/put")
         .set_request_builder(builder)
         .build();
     user.request(request).await?;

@@ -63,8 +63,8 @@ struct RunArgs {
     /// Directory for report.html and report.json (Goose) and summary.json.
     #[arg(long, default_value = "loadtest-report")]
     report_dir: PathBuf,
-    /// Seconds between progress tables while running; 0 for none.
-    #[arg(long, default_value_t = 5)]
+    /// Seconds between Goose's progress tables while running; 0 for none.
+    #[arg(long, default_value_t = 10)]
     progress_secs: usize,
     /// Per-request timeout in seconds.
     #[arg(long, default_value_t = 10)]

@@ -17,6 +17,8 @@ pub struct Thresholds {
 pub enum Miss {
     /// Nothing was measured, so no threshold can be said to hold.
     NoRequests,
+    /// Every request failed (e.g. wrong host): nothing about the store was measured.
+    NoSuccesses,
     /// p99 above the limit.
     P99 {
         /// Measured p99 in ms.
@@ -39,6 +41,7 @@ impl fmt::Display for Miss {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Miss::NoRequests => write!(f, "no requests were made"),
+            Miss::NoSuccesses => write!(f, "every request failed"),
             Miss::P99 {
                 actual_ms,
                 limit_ms,
@@ -63,6 +66,9 @@ pub fn evaluate(summary: &Summary, thresholds: &Thresholds) -> Vec<Miss> {
     // not pass just because it also had no errors and no slow requests.
     if summary.requests == 0 {
         return vec![Miss::NoRequests];
+    }
+    if summary.failures == summary.requests {
+        return vec![Miss::NoSuccesses];
     }
     let mut misses = Vec::new();
     if let (Some(limit_ms), Some(actual_ms)) = (thresholds.max_p99_ms, summary.p99_ms) {
@@ -190,6 +196,15 @@ mod tests {
     fn no_requests_never_passes_even_without_limits() {
         let s = run(0, 0, &[]);
         assert_eq!(evaluate(&s, &Thresholds::default()), vec![Miss::NoRequests]);
+    }
+
+    #[test]
+    fn all_failed_never_passes_even_without_limits() {
+        let s = run(0, 5, &[(0, 5)]);
+        assert_eq!(
+            evaluate(&s, &Thresholds::default()),
+            vec![Miss::NoSuccesses]
+        );
     }
 
     #[test]
