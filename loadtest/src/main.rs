@@ -69,6 +69,10 @@ struct RunArgs {
     /// Per-request timeout in seconds.
     #[arg(long, default_value_t = 10)]
     timeout_secs: u64,
+    /// Stay alive this long after writing the reports (e.g. 10m), so they can be copied
+    /// out of a Job's pod with `kubectl cp` before its emptyDir goes away.
+    #[arg(long, value_parser = loadtest::duration::parse_secs)]
+    linger: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -184,7 +188,13 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
         "reports: {}/{{report.html,report.json,summary.json}}",
         a.report_dir.display()
     );
+    // One line of JSON in the log outlives the pod's emptyDir: `kubectl logs` keeps it.
+    println!("summary: {}", serde_json::to_string(&summary)?);
     println!("{}", verdict_line(&summary, &thresholds, &misses));
+    if let Some(secs) = a.linger {
+        tracing::info!("lingering {secs}s so the reports can be copied out");
+        tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+    }
     Ok(if misses.is_empty() {
         ExitCode::SUCCESS
     } else {
