@@ -50,3 +50,50 @@ wait_for() {
     sleep 0.2
   done
 }
+
+# Binaries; release builds by default since debug builds measure the wrong thing.
+BENCH_ROOT=$(cd "$BENCH_DIR/.." && pwd)
+DISTKV_BIN=${DISTKV_BIN:-$BENCH_ROOT/target/release/distkv}
+LOADTEST_BIN=${LOADTEST_BIN:-$BENCH_ROOT/target/release/distkv-loadtest}
+PLAYGROUND_PID=""
+PLAYGROUND_URL=""
+
+need_bins() {
+  local b
+  for b in "$DISTKV_BIN" "$LOADTEST_BIN"; do
+    [[ -x $b ]] || {
+      echo "$b not found: cargo build --release -p dataplane -p loadtest (or set DISTKV_BIN/LOADTEST_BIN)" >&2
+      exit 1
+    }
+  done
+}
+
+# start_playground DATA_DIR [EXTRA ARGS...]: 3 shards x 2 replicas on a free port, in its
+# own session so stop_playground can take every child down with it.
+start_playground() {
+  local dir=$1
+  shift
+  mkdir -p "$dir"
+  setsid "$DISTKV_BIN" playground --shards 3 --replicas 2 --port 0 --data-dir "$dir" "$@" \
+    >"$dir/../playground.out" 2>&1 &
+  PLAYGROUND_PID=$!
+  wait_for 90 "the playground's router line" grep -q '^router: ' "$dir/../playground.out" || {
+    tail -20 "$dir/../playground.out" >&2
+    return 1
+  }
+  PLAYGROUND_URL=$(sed -nE 's/^router: (http[^ ]*).*/\1/p' "$dir/../playground.out" | head -1)
+  echo "playground up: $PLAYGROUND_URL (pid $PLAYGROUND_PID, data in $dir)" >&2
+}
+
+stop_playground() {
+  [[ -n $PLAYGROUND_PID ]] || return 0
+  kill -TERM "$PLAYGROUND_PID" 2>/dev/null || true
+  local deadline=$((SECONDS + 15))
+  while kill -0 "$PLAYGROUND_PID" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
+  if kill -0 "$PLAYGROUND_PID" 2>/dev/null; then
+    echo "playground still running 15s after SIGTERM; killing its process group" >&2
+    kill -KILL -- "-$PLAYGROUND_PID" 2>/dev/null || true
+  fi
+  wait "$PLAYGROUND_PID" 2>/dev/null || true
+  PLAYGROUND_PID=""
+}
