@@ -14,11 +14,14 @@ use std::time::{Duration, Instant};
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// `$DISTKV_BIN`, else the release then the debug build in the workspace target dir.
+///
+/// Cargo runs tests from the package directory, so a relative `DISTKV_BIN` is taken
+/// relative to the workspace root, where `.ci/run` and people invoke cargo.
 fn distkv_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("DISTKV_BIN") {
-        return PathBuf::from(p);
-    }
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    if let Some(p) = std::env::var_os("DISTKV_BIN") {
+        return workspace.join(p);
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"));
