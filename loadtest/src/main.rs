@@ -105,6 +105,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,goose=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Job logs and CI logs are files: escape codes there are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
