@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// `$DISTKV_BIN`, else the release then the debug build in the workspace target dir.
+/// `$DISTKV_BIN`, else the build of this test's own profile (the one `cargo test
+/// --workspace` just made), else the other one.
 ///
 /// Cargo runs tests from the package directory, so a relative `DISTKV_BIN` is taken
 /// relative to the workspace root, where `.ci/run` and people invoke cargo.
@@ -30,7 +31,12 @@ fn distkv_bin() -> PathBuf {
     } else {
         target
     };
-    for profile in ["release", "debug"] {
+    let profiles = if cfg!(debug_assertions) {
+        ["debug", "release"]
+    } else {
+        ["release", "debug"]
+    };
+    for profile in profiles {
         let candidate = target.join(profile).join("distkv");
         if candidate.exists() {
             return candidate;
@@ -123,7 +129,7 @@ impl Drop for Playground {
 }
 
 #[test]
-#[ignore = "needs the distkv binary; run by .ci/run with DISTKV_BIN set"]
+#[ignore = "needs the distkv binary: run with `cargo test --workspace -- --include-ignored`"]
 fn every_scenario_runs_clean_against_a_playground() {
     let data = tempfile::tempdir().unwrap();
     let playground = Playground::start(data.path());
