@@ -1,14 +1,9 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! distkv-operator: the Kubernetes adapter of distkv's control core.
+//!
+//! `crd` defines the `KvCluster` resource, `builders` turn it into Kubernetes objects,
+//! `render` prints them, and `reconcile` applies them and drives failover.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub mod builders;
+pub mod crd;
+pub mod render;
+pub mod validate;
