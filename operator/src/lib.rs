@@ -5,5 +5,6 @@
 
 pub mod builders;
 pub mod crd;
+pub mod nodes;
 pub mod render;
 pub mod validate;
