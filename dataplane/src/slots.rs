@@ -39,7 +39,11 @@ const CRC16_TABLE: [u16; 256] = {
         let mut crc = (i as u16) << 8;
         let mut bit = 0;
         while bit < 8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
             bit += 1;
         }
         table[i] = crc;
@@ -102,6 +106,9 @@ mod tests {
                 assert_eq!(w[0].1 + 1, w[1].0);
             }
         }
-        assert_eq!(even_ranges(3), vec![(0, 5460), (5461, 10921), (10922, 16383)]);
+        assert_eq!(
+            even_ranges(3),
+            vec![(0, 5460), (5461, 10921), (10922, 16383)]
+        );
     }
 }

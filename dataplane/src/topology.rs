@@ -59,7 +59,9 @@ impl ShardInfo {
 
     /// Whether `slot` belongs to this shard.
     pub fn owns(&self, slot: Slot) -> bool {
-        self.slot_ranges.iter().any(|&(a, b)| a <= slot && slot <= b)
+        self.slot_ranges
+            .iter()
+            .any(|&(a, b)| a <= slot && slot <= b)
     }
 }
 

@@ -1,0 +1,450 @@
+//! The public HTTP API shared by nodes and routers: request parsing, limits, and errors
+//! as `{"error": {"code", "message"}}`.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::storage::{Condition, Position};
+
+/// Size limits enforced before anything is stored.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest key in bytes.
+    pub max_key_bytes: usize,
+    /// Largest value in bytes.
+    pub max_value_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_key_bytes: 1024,
+            max_value_bytes: 1 << 20,
+        }
+    }
+}
+
+impl Limits {
+    /// Largest JSON body of the demo `POST /put`: a value, a key and escaping room.
+    pub fn max_json_bytes(&self) -> usize {
+        2 * (self.max_value_bytes + self.max_key_bytes) + 1024
+    }
+}
+
+/// An error answer. Serialized as `{"error": {"code", "message", ...}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+    /// Seconds after which a retry may succeed (503).
+    pub retry_after: Option<u64>,
+    /// Epoch the replica is at (stale epoch, not leader).
+    pub epoch: Option<u64>,
+    /// Address of the leader, when a replica knows it (not leader).
+    pub leader: Option<String>,
+}
+
+/// Body of an error answer.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// Details of an error.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `value_too_large`.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+    /// Epoch the replica is at, for `stale_epoch` and `not_leader`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// Leader address a replica knows of, for `not_leader`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+}
+
+impl ApiError {
+    /// An error with a status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+            epoch: None,
+            leader: None,
+        }
+    }
+
+    /// 400 with `code`.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 503 with `Retry-After: 1`.
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message);
+        e.retry_after = Some(1);
+        e
+    }
+
+    /// 404 for a missing key.
+    pub fn key_not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "key not found")
+    }
+
+    /// 412 for a failed precondition.
+    pub fn precondition_failed() -> Self {
+        Self::new(
+            StatusCode::PRECONDITION_FAILED,
+            "precondition_failed",
+            "the key's current version does not match the request's precondition",
+        )
+    }
+
+    /// 409: the request carried an epoch older than the replica's.
+    pub fn stale_epoch(request: u64, current: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::CONFLICT,
+            "stale_epoch",
+            format!("epoch {request} is stale; this replica is at epoch {current}"),
+        );
+        e.epoch = Some(current);
+        e
+    }
+
+    /// 421: this replica does not lead the shard (the router refreshes and retries).
+    pub fn not_leader(epoch: u64, leader: Option<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "not_leader",
+            "this replica is not the shard's leader",
+        );
+        e.epoch = Some(epoch);
+        e.leader = leader;
+        e
+    }
+
+    fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message.clone(),
+                epoch: self.epoch,
+                leader: self.leader.clone(),
+            },
+        }
+    }
+
+    /// The same error in the demo API's shape, `{"status": message}`.
+    pub fn into_demo(self) -> Response {
+        let body = serde_json::json!({ "status": self.message });
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        add_retry_after(&mut resp, self.retry_after);
+        resp
+    }
+}
+
+fn add_retry_after(resp: &mut Response, retry_after: Option<u64>) {
+    if let Some(s) = retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(self.body())).into_response();
+        add_retry_after(&mut resp, self.retry_after);
+        resp
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+/// Reads `error.epoch` out of an error body, if there is one.
+pub fn epoch_in_error(body: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<ErrorBody>(body).ok()?.error.epoch
+}
+
+/// Reads `error.leader` out of an error body, if there is one.
+pub fn leader_in_error(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<ErrorBody>(body).ok()?.error.leader
+}
+
+/// Checks a key: not empty, not too long.
+pub fn check_key(key: &[u8], limits: &Limits) -> Result<(), ApiError> {
+    if key.is_empty() {
+        return Err(ApiError::bad_request(
+            "empty_key",
+            "the key must not be empty",
+        ));
+    }
+    if key.len() > limits.max_key_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "key_too_large",
+            format!(
+                "the key is {} bytes; the limit is {}",
+                key.len(),
+                limits.max_key_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The key of a `/v1/kv/{key}` path, percent-decoded (keys are bytes; `/` is allowed).
+pub fn key_from_path(path: &str, limits: &Limits) -> Result<Bytes, ApiError> {
+    let raw = path.strip_prefix("/v1/kv/").unwrap_or("");
+    let key: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
+    check_key(&key, limits)?;
+    Ok(Bytes::from(key))
+}
+
+/// The value of a query parameter, percent-decoded.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Whether the request asks for `consistency=stale`.
+pub fn wants_stale(query: Option<&str>) -> bool {
+    query_param(query, "consistency").as_deref() == Some("stale")
+}
+
+/// The write precondition from `If-Match` / `If-None-Match`.
+pub fn condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
+    let if_match = headers.get(header::IF_MATCH).map(|v| v.to_str());
+    let if_none = headers.get(header::IF_NONE_MATCH).map(|v| v.to_str());
+    match (if_match, if_none) {
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "invalid_precondition",
+            "use either If-Match or If-None-Match, not both",
+        )),
+        (Some(Ok(v)), None) if v.trim() == "*" => Ok(Condition::IfExists),
+        (Some(Ok(v)), None) => Position::parse_etag(v)
+            .map(Condition::IfMatch)
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_precondition",
+                    format!("If-Match must be an ETag such as \"1-42\" or *, not {v}"),
+                )
+            }),
+        (None, Some(Ok(v))) if v.trim() == "*" => Ok(Condition::IfAbsent),
+        (None, Some(_)) => Err(ApiError::bad_request(
+            "invalid_precondition",
+            "If-None-Match supports only * (create-only)",
+        )),
+        (Some(Err(_)), _) => Err(ApiError::bad_request(
+            "invalid_precondition",
+            "If-Match is not valid text",
+        )),
+        (None, None) => Ok(Condition::None),
+    }
+}
+
+/// Reads a request body of at most `limit` bytes, answering 413 beyond.
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    what: &str,
+) -> Result<Bytes, ApiError> {
+    let too_large = |len: Option<u64>| {
+        let size = len.map(|l| format!("{l} bytes")).unwrap_or("more".into());
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            if what == "value" {
+                "value_too_large"
+            } else {
+                "body_too_large"
+            },
+            format!("the {what} is {size}; the limit is {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared {
+        if len > limit as u64 {
+            return Err(too_large(Some(len)));
+        }
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large(declared))
+}
+
+/// The demo API's `POST /put` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct DemoPut {
+    /// The key.
+    pub key: String,
+    /// The value (a string).
+    pub value: String,
+}
+
+/// Parses a demo `POST /put` body, with the demo's error shape for bad input.
+pub fn parse_demo_put(body: &[u8], limits: &Limits) -> Result<DemoPut, ApiError> {
+    let put: DemoPut = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("Invalid request: expected JSON {{\"key\": string, \"value\": string}}: {e}"),
+        )
+    })?;
+    check_key(put.key.as_bytes(), limits)?;
+    if put.value.len() > limits.max_value_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "value_too_large",
+            format!(
+                "the value is {} bytes; the limit is {} bytes",
+                put.value.len(),
+                limits.max_value_bytes
+            ),
+        ));
+    }
+    Ok(put)
+}
+
+/// The demo API's `key` query parameter, checked.
+pub fn demo_key(query: Option<&str>, limits: &Limits) -> Result<Bytes, ApiError> {
+    let key = query_param(query, "key")
+        .ok_or_else(|| ApiError::bad_request("missing_key", "Missing key: use ?key=NAME"))?;
+    check_key(key.as_bytes(), limits)?;
+    Ok(Bytes::from(key))
+}
+
+/// The 404 JSON answer for unknown routes.
+pub async fn unknown_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_route",
+        format!("no route {}", uri.path()),
+    )
+}
+
+/// The 405 JSON answer for a known route with the wrong method.
+pub async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// A raw-bytes answer with an `ETag`.
+pub fn value_response(version: Position, value: Bytes) -> Response {
+    let mut resp = Response::new(Body::from(value));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ETAG, etag_header(version));
+    resp
+}
+
+/// The `ETag` header value of a version.
+pub fn etag_header(version: Position) -> HeaderValue {
+    HeaderValue::from_str(&version.etag()).expect("etag is ascii")
+}
+
+/// Answer to a v1 PUT.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PutResult {
+    /// The key written.
+    pub key: String,
+    /// Its new version (the ETag without quotes).
+    pub version: String,
+    /// Whether the key was created.
+    pub created: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_percent_decoded_and_checked() {
+        let l = Limits::default();
+        assert_eq!(
+            key_from_path("/v1/kv/a%2Fb", &l).unwrap(),
+            Bytes::from("a/b")
+        );
+        assert_eq!(key_from_path("/v1/kv/a/b", &l).unwrap(), Bytes::from("a/b"));
+        assert_eq!(key_from_path("/v1/kv/", &l).unwrap_err().code, "empty_key");
+        let long = format!("/v1/kv/{}", "k".repeat(1025));
+        let e = key_from_path(&long, &l).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (413, "key_too_large"));
+    }
+
+    #[test]
+    fn preconditions_parse() {
+        let mut h = HeaderMap::new();
+        assert_eq!(condition(&h).unwrap(), Condition::None);
+        h.insert(header::IF_MATCH, HeaderValue::from_static("\"3-17\""));
+        assert_eq!(
+            condition(&h).unwrap(),
+            Condition::IfMatch(Position::new(3, 17))
+        );
+        h.insert(header::IF_MATCH, HeaderValue::from_static("nonsense"));
+        assert_eq!(condition(&h).unwrap_err().code, "invalid_precondition");
+        let mut h = HeaderMap::new();
+        h.insert(header::IF_NONE_MATCH, HeaderValue::from_static("*"));
+        assert_eq!(condition(&h).unwrap(), Condition::IfAbsent);
+    }
+
+    #[test]
+    fn demo_put_rejects_bad_json_and_missing_fields() {
+        let l = Limits::default();
+        assert_eq!(parse_demo_put(b"{", &l).unwrap_err().code, "invalid_json");
+        assert_eq!(
+            parse_demo_put(br#"{"key":"a"}"#, &l).unwrap_err().code,
+            "invalid_json"
+        );
+        assert_eq!(
+            parse_demo_put(br#"{"key":"","value":"v"}"#, &l)
+                .unwrap_err()
+                .code,
+            "empty_key"
+        );
+        assert_eq!(
+            parse_demo_put(br#"{"key":"a","value":"v"}"#, &l)
+                .unwrap()
+                .value,
+            "v"
+        );
+    }
+
+    #[test]
+    fn etags_round_trip() {
+        let p = Position::new(4, 99);
+        assert_eq!(Position::parse_etag(&p.etag()), Some(p));
+        assert_eq!(Position::parse_etag("W/\"4-99\""), Some(p));
+        assert_eq!(Position::parse_etag("4"), None);
+    }
+}

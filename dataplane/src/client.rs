@@ -1,0 +1,383 @@
+//! HTTP client for talking to nodes and routers: a pooled keep-alive hyper client, and
+//! the admin calls of the control API on top of it.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::Frame;
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::topology::Topology;
+use crate::wire::{NodeStatus, RoleRequest};
+
+/// Body of an outgoing request.
+pub type RequestBody = BoxBody<Bytes, Infallible>;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URL could not be built from the address and path.
+    #[error("invalid address or path: {0}")]
+    Url(String),
+    /// The connection was refused or could not be made: nothing was sent.
+    #[error("cannot connect to {addr}: {message}")]
+    Connect {
+        /// Target address.
+        addr: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Sending or receiving failed after connecting.
+    #[error("request to {addr} failed: {message}")]
+    Transport {
+        /// Target address.
+        addr: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// No answer in time.
+    #[error("request to {0} timed out")]
+    Timeout(String),
+    /// The peer answered with an error status.
+    #[error("{addr} answered {status}: {body}")]
+    Status {
+        /// Target address.
+        addr: String,
+        /// Status code.
+        status: StatusCode,
+        /// Body text.
+        body: String,
+    },
+    /// The answer was not what was expected.
+    #[error("cannot decode answer from {addr}: {message}")]
+    Decode {
+        /// Target address.
+        addr: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// A whole (buffered) response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// Status code.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+/// Wraps bytes as a request body.
+pub fn full(bytes: impl Into<Bytes>) -> RequestBody {
+    Full::new(bytes.into()).boxed()
+}
+
+/// A pooled keep-alive HTTP/1.1 client. Cheap to clone.
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Client<HttpConnector, RequestBody>,
+}
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HttpClient {
+    /// A client with keep-alive pooling and `TCP_NODELAY`.
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        HttpClient { inner }
+    }
+
+    /// Sends a request and buffers the answer, within `timeout`.
+    pub async fn send(
+        &self,
+        req: Request<RequestBody>,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        let addr = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let call = async {
+            let resp = self.inner.request(req).await.map_err(|e| {
+                let message = error_chain(&e);
+                if e.is_connect() {
+                    ClientError::Connect {
+                        addr: addr.clone(),
+                        message,
+                    }
+                } else {
+                    ClientError::Transport {
+                        addr: addr.clone(),
+                        message,
+                    }
+                }
+            })?;
+            let (parts, body) = resp.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| ClientError::Transport {
+                    addr: addr.clone(),
+                    message: e.to_string(),
+                })?
+                .to_bytes();
+            Ok(Response {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| ClientError::Timeout(addr.clone()))?
+    }
+
+    /// Builds and sends `method http://addr path` with `body`.
+    pub async fn call(
+        &self,
+        method: Method,
+        addr: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: RequestBody,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"));
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let req = builder
+            .body(body)
+            .map_err(|e| ClientError::Url(e.to_string()))?;
+        self.send(req, timeout).await
+    }
+
+    /// `GET http://addr path`.
+    pub async fn get(
+        &self,
+        addr: &str,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        self.call(Method::GET, addr, path, &[], full(Bytes::new()), timeout)
+            .await
+    }
+
+    /// `POST http://addr path` with a body of `content_type`.
+    pub async fn post(
+        &self,
+        addr: &str,
+        path: &str,
+        content_type: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        self.call(
+            Method::POST,
+            addr,
+            path,
+            &[("content-type", content_type)],
+            full(body),
+            timeout,
+        )
+        .await
+    }
+
+    /// `POST http://addr path` with a body streamed from `chunks`.
+    pub async fn post_stream(
+        &self,
+        addr: &str,
+        path: &str,
+        mut chunks: tokio::sync::mpsc::Receiver<Bytes>,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        let stream = async_stream(move |tx| async move {
+            while let Some(chunk) = chunks.recv().await {
+                if tx.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let body = StreamBody::new(stream).boxed();
+        self.call(
+            Method::POST,
+            addr,
+            path,
+            &[("content-type", "application/octet-stream")],
+            body,
+            timeout,
+        )
+        .await
+    }
+
+    /// Sends `value` as JSON and decodes a JSON answer; an error status is an error.
+    pub async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        addr: &str,
+        path: &str,
+        value: Option<&impl Serialize>,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let body = match value {
+            Some(v) => full(serde_json::to_vec(v).map_err(|e| ClientError::Url(e.to_string()))?),
+            None => full(Bytes::new()),
+        };
+        let resp = self
+            .call(
+                method,
+                addr,
+                path,
+                &[("content-type", "application/json")],
+                body,
+                timeout,
+            )
+            .await?;
+        if !resp.status.is_success() {
+            return Err(ClientError::Status {
+                addr: addr.to_string(),
+                status: resp.status,
+                body: String::from_utf8_lossy(&resp.body).into_owned(),
+            });
+        }
+        serde_json::from_slice(&resp.body).map_err(|e| ClientError::Decode {
+            addr: addr.to_string(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// A stream of body frames fed by a task, without pulling in a stream-macro crate.
+fn async_stream<F, Fut>(
+    produce: F,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + Sync + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+    tokio::spawn(produce(tx));
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// The control API of nodes and routers, as the playground and the operator call it.
+#[derive(Clone)]
+pub struct AdminClient {
+    http: HttpClient,
+    timeout: Duration,
+}
+
+impl AdminClient {
+    /// A client whose calls give up after `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        AdminClient {
+            http: HttpClient::new(),
+            timeout,
+        }
+    }
+
+    /// `GET /internal/status` of the node at `addr`.
+    pub async fn status(&self, addr: &str) -> Result<NodeStatus, ClientError> {
+        self.http
+            .json(
+                Method::GET,
+                addr,
+                "/internal/status",
+                None::<&()>,
+                self.timeout,
+            )
+            .await
+    }
+
+    /// `GET /internal/status?verify=1`: the digest recomputed by a full scan.
+    pub async fn verified_status(&self, addr: &str) -> Result<NodeStatus, ClientError> {
+        self.http
+            .json(
+                Method::GET,
+                addr,
+                "/internal/status?verify=1",
+                None::<&()>,
+                self.timeout.max(Duration::from_secs(30)),
+            )
+            .await
+    }
+
+    /// `POST /internal/role` to the node at `addr`; answers with its status.
+    pub async fn set_role(&self, addr: &str, req: &RoleRequest) -> Result<NodeStatus, ClientError> {
+        self.http
+            .json(
+                Method::POST,
+                addr,
+                "/internal/role",
+                Some(req),
+                self.timeout,
+            )
+            .await
+    }
+
+    /// `PUT /internal/topology` on a router's admin listener.
+    pub async fn push_topology(&self, addr: &str, topology: &Topology) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .http
+            .json(
+                Method::PUT,
+                addr,
+                "/internal/topology",
+                Some(topology),
+                self.timeout,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The underlying HTTP client.
+    pub fn http(&self) -> &HttpClient {
+        &self.http
+    }
+}
+
+/// `Content-Type: application/json`.
+pub fn json_content_type() -> HeaderValue {
+    HeaderValue::from_static("application/json")
+}
+
+/// Reads the content type of a response.
+pub fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok())
+}

@@ -1,0 +1,174 @@
+//! Prometheus metrics of a node or router, and the middleware that counts requests.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::storage::CommitObserver;
+
+/// Every metric a process exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route template and status code.
+    pub requests: IntCounterVec,
+    /// Request latency by route template.
+    pub latency: HistogramVec,
+    /// Keys stored (nodes).
+    pub keys: IntGauge,
+    /// Last applied log seq (nodes).
+    pub applied_seq: IntGauge,
+    /// Highest committed seq (nodes).
+    pub commit_seq: IntGauge,
+    /// Highest epoch seen (nodes).
+    pub epoch: IntGauge,
+    /// Requests per group-commit transaction (nodes).
+    pub batch_size: Histogram,
+    /// Seconds per group-commit transaction, fsync included (nodes).
+    pub commit_seconds: Histogram,
+    /// Snapshots installed (nodes).
+    pub snapshots_installed: IntCounter,
+    /// Topology version in use (routers).
+    pub topology_version: IntGauge,
+    /// Requests retried after a leader change (routers).
+    pub retries: IntCounter,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Arc<Self> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "distkv_http_requests_total",
+                "HTTP requests by route and status",
+            ),
+            &["route", "status"],
+        )
+        .unwrap();
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "distkv_http_request_duration_seconds",
+                "HTTP request latency by route",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5,
+            ]),
+            &["route"],
+        )
+        .unwrap();
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).unwrap();
+        let m = Metrics {
+            keys: gauge("distkv_keys", "Keys stored on this replica"),
+            applied_seq: gauge("distkv_applied_seq", "Last log sequence applied"),
+            commit_seq: gauge("distkv_commit_seq", "Highest committed log sequence"),
+            epoch: gauge("distkv_epoch", "Highest epoch seen"),
+            batch_size: Histogram::with_opts(
+                HistogramOpts::new(
+                    "distkv_group_commit_requests",
+                    "Requests per group-commit transaction",
+                )
+                .buckets(vec![
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0,
+                ]),
+            )
+            .unwrap(),
+            commit_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "distkv_group_commit_seconds",
+                    "Seconds per group-commit transaction including fsync",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+                ]),
+            )
+            .unwrap(),
+            snapshots_installed: IntCounter::new(
+                "distkv_snapshots_installed_total",
+                "Snapshots installed from a leader",
+            )
+            .unwrap(),
+            topology_version: gauge("distkv_topology_version", "Topology version in use"),
+            retries: IntCounter::new(
+                "distkv_router_retries_total",
+                "Requests retried after a topology change",
+            )
+            .unwrap(),
+            requests,
+            latency,
+            registry,
+        };
+        let r = &m.registry;
+        r.register(Box::new(m.requests.clone())).unwrap();
+        r.register(Box::new(m.latency.clone())).unwrap();
+        r.register(Box::new(m.keys.clone())).unwrap();
+        r.register(Box::new(m.applied_seq.clone())).unwrap();
+        r.register(Box::new(m.commit_seq.clone())).unwrap();
+        r.register(Box::new(m.epoch.clone())).unwrap();
+        r.register(Box::new(m.batch_size.clone())).unwrap();
+        r.register(Box::new(m.commit_seconds.clone())).unwrap();
+        r.register(Box::new(m.snapshots_installed.clone())).unwrap();
+        r.register(Box::new(m.topology_version.clone())).unwrap();
+        r.register(Box::new(m.retries.clone())).unwrap();
+        Arc::new(m)
+    }
+
+    /// Registers an extra collector (e.g. the playground's failover counters).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        self.registry.register(c).unwrap();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+}
+
+impl CommitObserver for Metrics {
+    fn committed(&self, requests: usize, seconds: f64) {
+        self.batch_size.observe(requests as f64);
+        self.commit_seconds.observe(seconds);
+    }
+}
+
+/// Middleware: counts every request by route template and status, and times it.
+pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    metrics
+        .latency
+        .with_label_values(&[route.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .requests
+        .with_label_values(&[route.as_str(), resp.status().as_str()])
+        .inc();
+    resp
+}
+
+/// `GET /metrics`.
+pub async fn serve(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        metrics.render(),
+    )
+}

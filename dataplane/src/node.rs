@@ -1,0 +1,757 @@
+//! One replica (`distkv node`): storage, its role in the shard, the client API for its
+//! own slots, and the internal API the leader and the control plane use.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, ApiError, Limits, PutResult};
+use crate::client::HttpClient;
+use crate::metrics::{self, Metrics};
+use crate::replication::{self, Leadership, ReplicateRequest, StreamConfig};
+use crate::slots::{Slot, slot_for};
+use crate::storage::{Condition, Op, Position, SnapshotCodec, Store, StoreError};
+use crate::topology::Role;
+use crate::wire::{NodeStatus, Peer, RoleRequest};
+
+/// Settings of a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Replica id, e.g. `s0-r1`.
+    pub id: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Key and value limits.
+    pub limits: Limits,
+    /// How the leader streams its log.
+    pub stream: StreamConfig,
+    /// Log entries kept beyond what every in-sync follower holds, for followers that
+    /// restart; a follower further behind gets a snapshot.
+    pub log_retain: u64,
+    /// How long a sync write waits for the in-sync set before answering 503.
+    pub replication_timeout: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults for a node with this id and data directory.
+    pub fn new(id: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        NodeConfig {
+            id: id.into(),
+            data_dir: data_dir.into(),
+            limits: Limits::default(),
+            stream: StreamConfig::default(),
+            log_retain: 100_000,
+            replication_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The role the control plane gave this replica, and what comes with it.
+struct Assignment {
+    role: Role,
+    epoch: u64,
+    leader: Option<String>,
+    lease_until: Option<Instant>,
+    slot_ranges: Vec<(Slot, Slot)>,
+    min_in_sync: u32,
+    leadership: Option<Arc<Leadership>>,
+    streams: HashMap<String, (String, JoinHandle<()>)>,
+}
+
+impl Assignment {
+    fn stop_streams(&mut self) {
+        for (_, (_, task)) in self.streams.drain() {
+            task.abort();
+        }
+    }
+}
+
+/// A running replica.
+pub struct Node {
+    cfg: NodeConfig,
+    store: Store,
+    http: HttpClient,
+    metrics: Arc<Metrics>,
+    assignment: RwLock<Assignment>,
+    follower_commit: AtomicU64,
+    snapshots_installed: AtomicU64,
+}
+
+/// What a leader-side request may do, captured under the role lock.
+struct LeaderView {
+    epoch: u64,
+    leadership: Arc<Leadership>,
+}
+
+impl Node {
+    /// Opens the store and starts as `Unassigned` at the persisted epoch.
+    pub fn open(cfg: NodeConfig) -> Result<Arc<Node>, StoreError> {
+        let metrics = Metrics::new();
+        let store = Store::open(&cfg.data_dir, metrics.clone())?;
+        let epoch = store.state().epoch;
+        tracing::info!(id = %cfg.id, epoch, last = ?store.state().last, "replica opened");
+        let node = Arc::new(Node {
+            cfg,
+            store,
+            http: HttpClient::new(),
+            metrics,
+            assignment: RwLock::new(Assignment {
+                role: Role::Unassigned,
+                epoch,
+                leader: None,
+                lease_until: None,
+                slot_ranges: Vec::new(),
+                min_in_sync: 1,
+                leadership: None,
+                streams: HashMap::new(),
+            }),
+            follower_commit: AtomicU64::new(0),
+            snapshots_installed: AtomicU64::new(0),
+        });
+        tokio::spawn(maintain(Arc::downgrade(&node)));
+        Ok(node)
+    }
+
+    /// The store (for tests and tools).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The HTTP app of this node.
+    pub fn app(self: &Arc<Self>) -> Router {
+        let kv = get(v1_get).put(v1_put).delete(v1_delete);
+        Router::new()
+            .route("/v1/kv/{*key}", kv)
+            .route("/put", post(demo_put))
+            .route("/get", get(demo_get))
+            .route("/delete", get(demo_delete).delete(demo_delete))
+            .route("/internal/role", post(set_role))
+            .route("/internal/status", get(status))
+            .route("/internal/replicate", post(replicate))
+            .route("/internal/snapshot", post(install_snapshot))
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/openapi.json", get(crate::openapi::serve))
+            .with_state(self.clone())
+            .route(
+                "/metrics",
+                get(metrics::serve).with_state(self.metrics.clone()),
+            )
+            .fallback(api::unknown_route)
+            .method_not_allowed_fallback(api::wrong_method)
+            .layer(axum::middleware::from_fn_with_state(
+                self.metrics.clone(),
+                metrics::track,
+            ))
+    }
+
+    /// Checks that this replica leads its shard right now and may serve `slot`.
+    fn leader_view(&self, slot: Slot) -> Result<LeaderView, ApiError> {
+        let a = self.assignment.read().unwrap();
+        if !a.slot_ranges.is_empty() && !a.slot_ranges.iter().any(|&(x, y)| x <= slot && slot <= y)
+        {
+            return Err(ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "wrong_shard",
+                format!("slot {slot} is not served by this shard"),
+            ));
+        }
+        let leadership = match (&a.role, &a.leadership) {
+            (Role::Leader, Some(l)) if l.deposed().is_none() => l.clone(),
+            _ => return Err(ApiError::not_leader(a.epoch, a.leader.clone())),
+        };
+        if a.lease_until.is_none_or(|t| Instant::now() >= t) {
+            return Err(ApiError::unavailable(
+                "lease_expired",
+                "the leader's lease has run out; waiting for the control plane",
+            ));
+        }
+        Ok(LeaderView {
+            epoch: a.epoch,
+            leadership,
+        })
+    }
+
+    /// Checks that this replica may serve a stale read.
+    fn can_read_stale(&self) -> Result<(), ApiError> {
+        let a = self.assignment.read().unwrap();
+        match a.role {
+            Role::Unassigned => Err(ApiError::unavailable(
+                "not_ready",
+                "this replica has not been assigned a role yet",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes through the log; in sync mode waits until every in-sync member holds it.
+    async fn write(
+        &self,
+        key: Bytes,
+        op: Op,
+        cond: Condition,
+    ) -> Result<crate::storage::WriteOutcome, ApiError> {
+        let slot = slot_for(&key);
+        let view = self.leader_view(slot)?;
+        let min = self.assignment.read().unwrap().min_in_sync as usize;
+        let in_sync = view.leadership.in_sync().len();
+        if in_sync < min {
+            return Err(ApiError::unavailable(
+                "not_enough_replicas",
+                format!("{in_sync} replicas in sync; at least {min} are required to take writes"),
+            ));
+        }
+        let outcome = self
+            .store
+            .write(view.epoch, slot, key, op, cond)
+            .await
+            .map_err(store_error)?;
+        view.leadership.recompute();
+        self.wait_committed(&view.leadership, outcome.version.seq)
+            .await?;
+        Ok(outcome)
+    }
+
+    async fn wait_committed(&self, leadership: &Leadership, seq: u64) -> Result<(), ApiError> {
+        if leadership.commit() >= seq {
+            return Ok(());
+        }
+        let mut commit = leadership.commit_watch();
+        let waited =
+            tokio::time::timeout(self.cfg.replication_timeout, commit.wait_for(|c| *c >= seq))
+                .await;
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ApiError::unavailable(
+                "replication_timeout",
+                "the write is durable on the leader but not yet on every in-sync replica; \
+                 its outcome is unknown until the control plane settles the in-sync set",
+            )),
+        }
+    }
+
+    /// Reads a key. Leader reads see only committed data; stale reads see what is here.
+    async fn read(&self, key: &[u8], stale: bool) -> Result<Option<(Position, Bytes)>, ApiError> {
+        let slot = slot_for(key);
+        if stale {
+            self.can_read_stale()?;
+            return self.store.get(slot, key).map_err(store_error);
+        }
+        let view = self.leader_view(slot)?;
+        let found = self.store.get(slot, key).map_err(store_error)?;
+        if let Some((version, _)) = &found {
+            // A value not yet held by every in-sync replica could still vanish in a
+            // failover; wait until it cannot.
+            self.wait_committed(&view.leadership, version.seq).await?;
+        }
+        Ok(found)
+    }
+
+    /// This replica's status, as `GET /internal/status` reports it.
+    pub fn status(&self, verify: bool) -> Result<NodeStatus, StoreError> {
+        let st = self.store.state();
+        let (keys, digest) = if verify {
+            self.store.scan_digest()?
+        } else {
+            (st.keys, st.digest)
+        };
+        let a = self.assignment.read().unwrap();
+        let (commit_seq, in_sync, follower_acks) = match &a.leadership {
+            Some(l) => (l.commit(), l.in_sync(), l.follower_acks()),
+            None => (
+                self.follower_commit.load(Ordering::Relaxed),
+                Vec::new(),
+                Vec::new(),
+            ),
+        };
+        let lease_remaining_ms = match (a.role, a.lease_until) {
+            (Role::Leader, Some(t)) => {
+                t.saturating_duration_since(Instant::now()).as_millis() as u64
+            }
+            _ => 0,
+        };
+        Ok(NodeStatus {
+            id: self.cfg.id.clone(),
+            role: a.role,
+            epoch: st.epoch.max(a.epoch),
+            last_epoch: st.last.epoch,
+            last_seq: st.last.seq,
+            commit_seq,
+            in_sync,
+            lease_remaining_ms,
+            keys,
+            digest: format!("{digest:032x}"),
+            log_start_seq: st.base.seq + 1,
+            snapshots_installed: self.snapshots_installed.load(Ordering::Relaxed),
+            follower_acks,
+        })
+    }
+
+    /// Applies a role assignment from the control plane.
+    async fn assign(self: &Arc<Self>, req: RoleRequest) -> Result<NodeStatus, ApiError> {
+        if req.role == Role::Leader && req.lease_ms == 0 {
+            return Err(ApiError::bad_request(
+                "invalid_role",
+                "a leader needs lease_ms > 0",
+            ));
+        }
+        let current = self.store.state().epoch;
+        if req.epoch < current {
+            return Err(ApiError::stale_epoch(req.epoch, current));
+        }
+        if req.epoch > current {
+            self.store
+                .raise_epoch(req.epoch)
+                .await
+                .map_err(store_error)?;
+        }
+        {
+            let mut a = self.assignment.write().unwrap();
+            if req.epoch < a.epoch {
+                return Err(ApiError::stale_epoch(req.epoch, a.epoch));
+            }
+            let same_term = a.epoch == req.epoch && a.role == req.role;
+            a.epoch = req.epoch;
+            a.role = req.role;
+            a.slot_ranges = req.slot_ranges.clone();
+            a.min_in_sync = req.min_in_sync.max(1);
+            match req.role {
+                Role::Leader => {
+                    a.leader = None;
+                    a.lease_until = Some(Instant::now() + Duration::from_millis(req.lease_ms));
+                    let reuse =
+                        same_term && a.leadership.as_ref().is_some_and(|l| l.mode() == req.mode);
+                    if !reuse {
+                        a.stop_streams();
+                        tracing::info!(id = %self.cfg.id, epoch = req.epoch, "leading");
+                        a.leadership = Some(Leadership::new(
+                            self.cfg.id.clone(),
+                            req.epoch,
+                            req.mode,
+                            req.in_sync.clone(),
+                            self.store.clone(),
+                        ));
+                    }
+                    let leadership = a.leadership.clone().expect("set above");
+                    leadership.set_in_sync(req.in_sync.clone());
+                    self.sync_streams(&mut a, &leadership, &req.peers);
+                }
+                Role::Follower | Role::Unassigned => {
+                    if a.leadership.is_some() {
+                        tracing::info!(id = %self.cfg.id, epoch = req.epoch, "stepping down");
+                    }
+                    a.stop_streams();
+                    a.leadership = None;
+                    a.lease_until = None;
+                    a.leader = req.leader.clone();
+                }
+            }
+        }
+        self.metrics.epoch.set(req.epoch as i64);
+        self.status(false).map_err(store_error)
+    }
+
+    /// Runs one streaming task per peer, restarting those whose address changed.
+    fn sync_streams(&self, a: &mut Assignment, leadership: &Arc<Leadership>, peers: &[Peer]) {
+        a.streams.retain(|id, (addr, task)| {
+            let keep =
+                peers.iter().any(|p| &p.id == id && &p.address == addr) && !task.is_finished();
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for peer in peers {
+            if peer.id == self.cfg.id || a.streams.contains_key(&peer.id) {
+                continue;
+            }
+            let task = tokio::spawn(replication::stream_to_follower(
+                leadership.clone(),
+                peer.clone(),
+                self.http.clone(),
+                self.cfg.stream.clone(),
+            ));
+            a.streams
+                .insert(peer.id.clone(), (peer.address.clone(), task));
+        }
+    }
+
+    /// A replicate request from a leader.
+    async fn on_replicate(&self, req: ReplicateRequest) -> Result<Bytes, ApiError> {
+        let ReplicateRequest {
+            epoch,
+            prev,
+            commit,
+            leader_last,
+            entries,
+        } = req;
+        for (i, e) in entries.iter().enumerate() {
+            if e.seq != prev.seq + 1 + i as u64 {
+                return Err(ApiError::bad_request(
+                    "invalid_batch",
+                    "entries are not contiguous after prev",
+                ));
+            }
+        }
+        self.observe_epoch(epoch);
+        let outcome = self
+            .store
+            .append(epoch, prev, entries, leader_last)
+            .await
+            .map_err(store_error)?;
+        self.follower_commit
+            .fetch_max(commit.min(self.store.state().last.seq), Ordering::Relaxed);
+        Ok(Bytes::from(
+            postcard::to_stdvec(&outcome).expect("outcome encodes"),
+        ))
+    }
+
+    /// Steps down when a request shows a newer epoch than this replica's role.
+    fn observe_epoch(&self, epoch: u64) {
+        let mut a = self.assignment.write().unwrap();
+        if epoch > a.epoch {
+            if a.role == Role::Leader {
+                tracing::warn!(id = %self.cfg.id, epoch, "a newer leader exists; stepping down");
+            }
+            a.stop_streams();
+            a.leadership = None;
+            a.lease_until = None;
+            a.epoch = epoch;
+            a.role = Role::Follower;
+            a.leader = None;
+        }
+    }
+
+    /// Trims the log: below what every in-sync member holds (leader) or what is committed
+    /// (follower), keeping `log_retain` entries for followers that come back.
+    fn trim_log(&self) {
+        let st = self.store.state();
+        let safe = match &self.assignment.read().unwrap().leadership {
+            Some(l) => l.min_in_sync_ack().min(l.commit()),
+            None => self.follower_commit.load(Ordering::Relaxed),
+        };
+        let upto = safe.min(st.last.seq.saturating_sub(self.cfg.log_retain));
+        // Trim in steps, not on every write.
+        if upto > st.base.seq + 256.min(self.cfg.log_retain.max(1)) {
+            self.store.trim(upto);
+        }
+    }
+}
+
+/// Background upkeep: metrics gauges and log trimming.
+async fn maintain(node: std::sync::Weak<Node>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        let st = node.store.state();
+        node.metrics.keys.set(st.keys as i64);
+        node.metrics.applied_seq.set(st.last.seq as i64);
+        let commit = match &node.assignment.read().unwrap().leadership {
+            Some(l) => l.commit(),
+            None => node.follower_commit.load(Ordering::Relaxed),
+        };
+        node.metrics.commit_seq.set(commit as i64);
+        node.trim_log();
+    }
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::PreconditionFailed => ApiError::precondition_failed(),
+        StoreError::NotFound => ApiError::key_not_found(),
+        StoreError::StaleEpoch { request, current } => ApiError::stale_epoch(request, current),
+        StoreError::BadSnapshot(m) => ApiError::bad_request("invalid_snapshot", m),
+        StoreError::Closed => {
+            ApiError::unavailable("shutting_down", "the replica is shutting down")
+        }
+        StoreError::Io(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage_error", m),
+    }
+}
+
+type NodeState = State<Arc<Node>>;
+
+/// `GET /v1/kv/{key}`: the raw value with its version as `ETag`.
+#[utoipa::path(get, path = "/v1/kv/{key}", tag = "kv",
+    params(("key" = String, Path, description = "The key (percent-encoded; may contain /)"),
+           ("consistency" = Option<String>, Query, description = "`stale` lets a follower answer")),
+    responses((status = 200, description = "The value", content_type = "application/octet-stream"),
+              (status = 404, description = "No such key", body = api::ErrorBody),
+              (status = 503, description = "No leader or lease expired", body = api::ErrorBody)))]
+pub async fn v1_get(State(node): NodeState, uri: Uri) -> Result<Response, ApiError> {
+    let key = api::key_from_path(uri.path(), &node.cfg.limits)?;
+    match node.read(&key, api::wants_stale(uri.query())).await? {
+        Some((version, value)) => Ok(api::value_response(version, value)),
+        None => Err(ApiError::key_not_found()),
+    }
+}
+
+/// `PUT /v1/kv/{key}`: stores the raw body; `If-Match` / `If-None-Match: *` make it conditional.
+#[utoipa::path(put, path = "/v1/kv/{key}", tag = "kv",
+    params(("key" = String, Path, description = "The key"),
+           ("If-Match" = Option<String>, Header, description = "Write only if the version matches"),
+           ("If-None-Match" = Option<String>, Header, description = "`*`: create only")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, description = "Created", body = PutResult),
+              (status = 200, description = "Overwritten", body = PutResult),
+              (status = 400, description = "Bad key or precondition", body = api::ErrorBody),
+              (status = 412, description = "Precondition failed", body = api::ErrorBody),
+              (status = 413, description = "Key or value too large", body = api::ErrorBody),
+              (status = 503, description = "Not enough in-sync replicas", body = api::ErrorBody)))]
+pub async fn v1_put(
+    State(node): NodeState,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let key = api::key_from_path(uri.path(), &node.cfg.limits)?;
+    let cond = api::condition(&headers)?;
+    let value = api::read_body(&headers, body, node.cfg.limits.max_value_bytes, "value").await?;
+    let out = node.write(key.clone(), Op::Put(value), cond).await?;
+    let status = if out.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let body = PutResult {
+        key: String::from_utf8_lossy(&key).into_owned(),
+        version: format!("{}-{}", out.version.epoch, out.version.seq),
+        created: out.created,
+    };
+    Ok((
+        status,
+        [(axum::http::header::ETAG, api::etag_header(out.version))],
+        axum::Json(body),
+    )
+        .into_response())
+}
+
+/// `DELETE /v1/kv/{key}`: 204, or 404 when missing; `If-Match` makes it conditional.
+#[utoipa::path(delete, path = "/v1/kv/{key}", tag = "kv",
+    params(("key" = String, Path, description = "The key"),
+           ("If-Match" = Option<String>, Header, description = "Delete only if the version matches")),
+    responses((status = 204, description = "Deleted"),
+              (status = 404, description = "No such key", body = api::ErrorBody),
+              (status = 412, description = "Precondition failed", body = api::ErrorBody)))]
+pub async fn v1_delete(
+    State(node): NodeState,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = api::key_from_path(uri.path(), &node.cfg.limits)?;
+    let cond = api::condition(&headers)?;
+    if cond == Condition::IfAbsent {
+        return Err(ApiError::bad_request(
+            "invalid_precondition",
+            "If-None-Match does not apply to DELETE",
+        ));
+    }
+    node.write(key, Op::Delete, cond).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Demo API `POST /put` with `{"key", "value"}`.
+#[utoipa::path(post, path = "/put", tag = "demo",
+    request_body = api::DemoPut,
+    responses((status = 200, description = "`{\"status\":\"Successful\"}`"),
+              (status = 400, description = "Invalid JSON or missing fields")))]
+pub async fn demo_put(State(node): NodeState, headers: HeaderMap, body: Body) -> Response {
+    let run = async {
+        let body = api::read_body(&headers, body, node.cfg.limits.max_json_bytes(), "body").await?;
+        let put = api::parse_demo_put(&body, &node.cfg.limits)?;
+        node.write(
+            Bytes::from(put.key),
+            Op::Put(Bytes::from(put.value)),
+            Condition::None,
+        )
+        .await
+    };
+    match run.await {
+        Ok(_) => axum::Json(serde_json::json!({"status": "Successful"})).into_response(),
+        Err(e) => e.into_demo(),
+    }
+}
+
+/// Query of the demo API.
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct DemoQuery {
+    /// The key.
+    pub key: Option<String>,
+}
+
+/// Demo API `GET /get?key=K`: `{"key","value"}`, or 200 `{"status":"Key not found"}`.
+#[utoipa::path(get, path = "/get", tag = "demo", params(DemoQuery),
+    responses((status = 200, description = "`{\"key\",\"value\"}` or `{\"status\":\"Key not found\"}`")))]
+pub async fn demo_get(State(node): NodeState, uri: Uri, _q: Query<DemoQuery>) -> Response {
+    let run = async {
+        let key = api::demo_key(uri.query(), &node.cfg.limits)?;
+        node.read(&key, api::wants_stale(uri.query()))
+            .await
+            .map(|v| (key, v))
+    };
+    match run.await {
+        Ok((key, Some((_, value)))) => axum::Json(serde_json::json!({
+            "key": String::from_utf8_lossy(&key),
+            "value": String::from_utf8_lossy(&value),
+        }))
+        .into_response(),
+        Ok((_, None)) => demo_not_found(),
+        Err(e) => e.into_demo(),
+    }
+}
+
+/// Demo API `GET|DELETE /delete?key=K`.
+#[utoipa::path(delete, path = "/delete", tag = "demo", params(DemoQuery),
+    responses((status = 200, description = "`{\"status\":\"Delete successful\"}` or `{\"status\":\"Key not found\"}`")))]
+pub async fn demo_delete(State(node): NodeState, uri: Uri) -> Response {
+    let run = async {
+        let key = api::demo_key(uri.query(), &node.cfg.limits)?;
+        node.write(key, Op::Delete, Condition::None).await
+    };
+    match run.await {
+        Ok(_) => axum::Json(serde_json::json!({"status": "Delete successful"})).into_response(),
+        Err(e) if e.code == "not_found" => demo_not_found(),
+        Err(e) => e.into_demo(),
+    }
+}
+
+/// The demo's answer for a missing key: 200, as its clients expect.
+pub fn demo_not_found() -> Response {
+    axum::Json(serde_json::json!({"status": "Key not found"})).into_response()
+}
+
+async fn set_role(State(node): NodeState, body: Bytes) -> Result<axum::Json<NodeStatus>, ApiError> {
+    let req: RoleRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid role request: {e}")))?;
+    node.assign(req).await.map(axum::Json)
+}
+
+#[derive(Deserialize)]
+struct StatusQuery {
+    verify: Option<String>,
+}
+
+async fn status(
+    State(node): NodeState,
+    Query(q): Query<StatusQuery>,
+) -> Result<axum::Json<NodeStatus>, ApiError> {
+    let verify = q.verify.is_some_and(|v| v != "0" && v != "false");
+    let node2 = node.clone();
+    let st = tokio::task::spawn_blocking(move || node2.status(verify))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(store_error)?;
+    Ok(axum::Json(st))
+}
+
+async fn replicate(State(node): NodeState, body: Bytes) -> Result<Response, ApiError> {
+    let req: ReplicateRequest = postcard::from_bytes(&body)
+        .map_err(|e| ApiError::bad_request("invalid_batch", format!("cannot decode batch: {e}")))?;
+    let out = node.on_replicate(req).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        out,
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct SnapshotQuery {
+    epoch: u64,
+}
+
+/// Receives a snapshot stream and replaces this replica's data with it.
+async fn install_snapshot(
+    State(node): NodeState,
+    Query(q): Query<SnapshotQuery>,
+    req: Request,
+) -> Result<axum::Json<Position>, ApiError> {
+    node.observe_epoch(q.epoch);
+    node.store
+        .snapshot_begin(q.epoch)
+        .await
+        .map_err(store_error)?;
+    let mut stream = req.into_body().into_data_stream();
+    let mut buf = BytesMut::new();
+    let mut at = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_snapshot", e.to_string()))?;
+        buf.extend_from_slice(&chunk);
+        if at.is_none() {
+            at = SnapshotCodec::take_header(&mut buf).map_err(store_error)?;
+        }
+        if at.is_some() {
+            let records = SnapshotCodec::take_records(&mut buf);
+            if !records.is_empty() {
+                node.store
+                    .snapshot_chunk(records)
+                    .await
+                    .map_err(store_error)?;
+            }
+        }
+    }
+    let at = at.ok_or_else(|| {
+        ApiError::bad_request("invalid_snapshot", "stream ended before its header")
+    })?;
+    if !buf.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_snapshot",
+            "stream ended inside a record",
+        ));
+    }
+    node.store.snapshot_end(at).await.map_err(store_error)?;
+    node.snapshots_installed.fetch_add(1, Ordering::Relaxed);
+    node.metrics.snapshots_installed.inc();
+    node.follower_commit.fetch_max(at.seq, Ordering::Relaxed);
+    tracing::info!(id = %node.cfg.id, ?at, "snapshot installed");
+    Ok(axum::Json(at))
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(node): NodeState) -> Response {
+    let a = node.assignment.read().unwrap();
+    let ready = match a.role {
+        Role::Leader => a.lease_until.is_some_and(|t| Instant::now() < t),
+        Role::Follower => true,
+        Role::Unassigned => false,
+    };
+    let body = serde_json::json!({"ready": ready, "role": a.role, "epoch": a.epoch});
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+/// Serves a node on `listener` until `shutdown` resolves; then the writer drains.
+pub async fn serve(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = node.app();
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}

@@ -1,0 +1,39 @@
+//! `GET /openapi.json`: the public API, generated from the handlers' annotations.
+
+use axum::Json;
+use utoipa::OpenApi;
+
+use crate::{api, node, router};
+
+/// The OpenAPI document of the public API (served by routers and nodes alike).
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "distkv", description = "Sharded, replicated key-value store"),
+    paths(
+        node::v1_get,
+        node::v1_put,
+        node::v1_delete,
+        node::demo_put,
+        node::demo_get,
+        node::demo_delete,
+        router::cluster,
+        router::healthz,
+        router::readyz,
+        router::metrics_doc,
+    ),
+    components(schemas(
+        api::ErrorBody,
+        api::ErrorDetail,
+        api::PutResult,
+        api::DemoPut,
+        router::ClusterView,
+        router::ShardView,
+        router::ReplicaView,
+    ))
+)]
+pub struct ApiDoc;
+
+/// Serves the document.
+pub async fn serve() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

@@ -1,0 +1,574 @@
+//! `distkv playground`: a whole cluster on one machine. The router and every replica run
+//! as child processes of this binary; this process is their supervisor and drives the
+//! control core: it observes each replica, applies the core's decisions (roles, leases,
+//! in-sync sets, topology) and restarts children that die.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::client::{AdminClient, ClientError};
+use crate::control::{self, Action, ClusterSpec, ControlState, Observation};
+use crate::wire::AckMode;
+
+/// Settings of a playground.
+#[derive(Debug, Clone)]
+pub struct PlaygroundConfig {
+    /// Shards.
+    pub shards: u32,
+    /// Replicas per shard.
+    pub replicas: u32,
+    /// Router port (0: any free port).
+    pub port: u16,
+    /// Data directory of the whole cluster.
+    pub data_dir: PathBuf,
+    /// Ack mode.
+    pub mode: AckMode,
+    /// Fewest in-sync replicas with which a shard takes writes.
+    pub min_in_sync: u32,
+    /// Leader lease.
+    pub lease_ms: u64,
+    /// Wait beyond the lease before replacing an unreachable leader.
+    pub failover_grace_ms: u64,
+    /// Poll interval.
+    pub poll_ms: u64,
+    /// A follower silent this long leaves the in-sync set.
+    pub in_sync_timeout_ms: u64,
+    /// Extra flags for every node.
+    pub node_args: Vec<String>,
+    /// The `distkv` binary to start children from.
+    pub exe: PathBuf,
+}
+
+/// Why the playground could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaygroundError {
+    /// File-system or process failure.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// Another playground holds the data directory.
+    #[error("another playground is already running on {0}")]
+    Locked(PathBuf),
+    /// The data directory belongs to a cluster of another shape.
+    #[error("{0}")]
+    Mismatch(String),
+    /// A child did not start.
+    #[error("{0} did not start: {1}")]
+    Start(String, String),
+    /// The settings are invalid.
+    #[error("invalid settings: {0}")]
+    Spec(#[from] control::SpecError),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> PlaygroundError {
+    let context = context.into();
+    move |source| PlaygroundError::Io { context, source }
+}
+
+/// `playground.json`: where everything runs, rewritten whenever a child changes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PlaygroundInfo {
+    /// URL of the router.
+    pub router: String,
+    /// Admin address of the router (topology pushes).
+    pub router_admin: String,
+    /// Pid of the supervisor.
+    pub pid: u32,
+    /// Every node.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// One node in `playground.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Replica id.
+    pub id: String,
+    /// Shard.
+    pub shard: u32,
+    /// Address.
+    pub address: String,
+    /// Process id.
+    pub pid: u32,
+}
+
+/// What the supervisor keeps in `control.json` across restarts.
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    spec: ClusterSpec,
+    state: ControlState,
+}
+
+/// A running child and what it announced.
+struct Proc {
+    child: Child,
+    address: String,
+    pid: u32,
+}
+
+/// A replica the supervisor keeps running.
+struct Member {
+    id: String,
+    shard: u32,
+    proc: Option<Proc>,
+    failures: u32,
+    restart_at: Instant,
+    started_at: Instant,
+}
+
+/// Starts a child and waits for it to announce `labels` on stdout (`label ADDR` lines).
+async fn spawn(
+    exe: &Path,
+    args: &[String],
+    log: &Path,
+    labels: &[&str],
+) -> Result<(Child, Vec<String>), PlaygroundError> {
+    let name = log
+        .file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io(format!("cannot open log {}", log.display())))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe; it makes the child die with the supervisor, so
+    // a kill -9 of the playground leaves no orphans holding ports and data directories.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(io(format!("cannot start {name}")))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut found = Vec::new();
+    let announce = async {
+        while found.len() < labels.len() {
+            match lines.next_line().await {
+                Ok(Some(line)) => {
+                    if let Some((label, addr)) = line.split_once(' ') {
+                        if labels.get(found.len()) == Some(&label) {
+                            found.push(addr.trim().to_string());
+                        }
+                    }
+                }
+                _ => return false,
+            }
+        }
+        true
+    };
+    let announced = tokio::time::timeout(Duration::from_secs(30), announce).await;
+    if announced != Ok(true) {
+        let _ = child.start_kill();
+        return Err(PlaygroundError::Start(
+            name,
+            format!("see {}", log.display()),
+        ));
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, found))
+}
+
+/// Holds an exclusive lock on the data directory for the playground's lifetime.
+struct DirLock(#[allow(dead_code)] std::fs::File);
+
+fn lock_dir(dir: &Path) -> Result<DirLock, PlaygroundError> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("playground.lock"))
+        .map_err(io("cannot create the lock file"))?;
+    // SAFETY: flock on an open descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(PlaygroundError::Locked(dir.to_path_buf()));
+    }
+    Ok(DirLock(f))
+}
+
+/// Writes `bytes` to `path` atomically (write to a temporary file, then rename).
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+struct Supervisor {
+    cfg: Arc<PlaygroundConfig>,
+    spec: ClusterSpec,
+    state: ControlState,
+    members: Vec<Member>,
+    router: Proc,
+    router_admin: String,
+    admin: AdminClient,
+    epoch0: Instant,
+    info: Option<PlaygroundInfo>,
+}
+
+impl Supervisor {
+    fn node_args(&self, id: &str) -> Vec<String> {
+        let dir = self.cfg.data_dir.join(id);
+        let mut args = vec![
+            "node".into(),
+            "--id".into(),
+            id.into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+        ];
+        args.extend(self.cfg.node_args.iter().cloned());
+        args
+    }
+
+    async fn start_member(&self, id: &str) -> Result<Proc, PlaygroundError> {
+        let log = self.cfg.data_dir.join("logs").join(format!("{id}.log"));
+        let (child, addrs) =
+            spawn(&self.cfg.exe, &self.node_args(id), &log, &["listening"]).await?;
+        Ok(Proc {
+            pid: child.id().unwrap_or(0),
+            child,
+            address: addrs[0].clone(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch0.elapsed().as_millis() as u64
+    }
+
+    /// One round: observe every replica, run the control core, apply what it decided.
+    async fn round(&mut self) {
+        let mut observations = Vec::with_capacity(self.members.len());
+        let mut calls = Vec::new();
+        for m in &mut self.members {
+            let alive = match &mut m.proc {
+                Some(p) => match p.child.try_wait() {
+                    Ok(None) => true,
+                    Ok(Some(status)) => {
+                        tracing::warn!(replica = %m.id, %status, "replica exited");
+                        println!("replica {} exited ({status}); restarting", m.id);
+                        m.proc = None;
+                        m.failures += 1;
+                        let backoff = Duration::from_millis(100 << m.failures.min(6));
+                        m.restart_at = Instant::now() + backoff;
+                        false
+                    }
+                    Err(_) => false,
+                },
+                None => false,
+            };
+            let address = m.proc.as_ref().map(|p| p.address.clone());
+            observations.push(Observation {
+                replica: m.id.clone(),
+                shard: m.shard,
+                address: address.clone(),
+                status: None,
+                process_alive: Some(alive),
+            });
+            calls.push(address);
+        }
+        let statuses = futures_util::future::join_all(calls.iter().map(|a| async {
+            match a {
+                Some(a) => self.admin.status(a).await.ok(),
+                None => None,
+            }
+        }))
+        .await;
+        for (o, s) in observations.iter_mut().zip(statuses) {
+            o.status = s;
+        }
+        let decision = control::decide(&self.spec, &self.state, &observations, self.now_ms());
+        for e in &decision.events {
+            tracing::info!(event = %e, "control");
+            println!("{e}");
+        }
+        let changed = decision.state != self.state;
+        self.state = decision.state;
+        let mut roles = Vec::new();
+        for action in decision.actions {
+            match action {
+                Action::SendRole {
+                    replica,
+                    address,
+                    request,
+                } => roles.push((replica, address, request)),
+                Action::PublishTopology(t) => self.publish(&t).await,
+                Action::Restart { replica } => self.restart(&replica).await,
+            }
+        }
+        let admin = &self.admin;
+        let results = futures_util::future::join_all(
+            roles.iter().map(|(_, addr, req)| admin.set_role(addr, req)),
+        )
+        .await;
+        for ((replica, _, req), r) in roles.iter().zip(results) {
+            if let Err(e) = r {
+                log_role_failure(replica, req.epoch, &e);
+            }
+        }
+        if changed {
+            self.save();
+        }
+        self.write_info();
+    }
+
+    async fn restart(&mut self, replica: &str) {
+        let Some(i) = self.members.iter().position(|m| m.id == replica) else {
+            return;
+        };
+        if self.members[i].proc.is_some() || Instant::now() < self.members[i].restart_at {
+            return;
+        }
+        match self.start_member(replica).await {
+            Ok(p) => {
+                println!("replica {replica} restarted at {}", p.address);
+                let m = &mut self.members[i];
+                m.proc = Some(p);
+                m.started_at = Instant::now();
+            }
+            Err(e) => {
+                tracing::error!(%replica, error = %e, "restart failed");
+                let m = &mut self.members[i];
+                m.failures += 1;
+                m.restart_at = Instant::now() + Duration::from_millis(100 << m.failures.min(6));
+            }
+        }
+        // A replica that stayed up a while is healthy again; forget old failures.
+        for m in &mut self.members {
+            if m.proc.is_some() && m.started_at.elapsed() > Duration::from_secs(30) {
+                m.failures = 0;
+            }
+        }
+    }
+
+    async fn publish(&self, t: &crate::topology::Topology) {
+        let path = self.cfg.data_dir.join("topology.json");
+        if let Err(e) = write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(t).expect("topology encodes"),
+        ) {
+            tracing::error!(error = %e, "cannot write topology file");
+        }
+        if let Err(e) = self.admin.push_topology(&self.router_admin, t).await {
+            tracing::warn!(error = %e, "cannot push topology to the router; it reloads the file on its next miss");
+        }
+    }
+
+    fn save(&self) {
+        let saved = Saved {
+            spec: self.spec.clone(),
+            state: self.state.clone(),
+        };
+        let path = self.cfg.data_dir.join("control.json");
+        if let Err(e) = write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(&saved).expect("state encodes"),
+        ) {
+            tracing::error!(error = %e, "cannot save control state");
+        }
+    }
+
+    fn write_info(&mut self) {
+        let info = PlaygroundInfo {
+            router: format!("http://{}", self.router.address),
+            router_admin: self.router_admin.clone(),
+            pid: std::process::id(),
+            nodes: self
+                .members
+                .iter()
+                .filter_map(|m| {
+                    let p = m.proc.as_ref()?;
+                    Some(NodeInfo {
+                        id: m.id.clone(),
+                        shard: m.shard,
+                        address: p.address.clone(),
+                        pid: p.pid,
+                    })
+                })
+                .collect(),
+        };
+        if self.info.as_ref() != Some(&info) {
+            let path = self.cfg.data_dir.join("playground.json");
+            if let Err(e) = write_atomic(
+                &path,
+                &serde_json::to_vec_pretty(&info).expect("info encodes"),
+            ) {
+                tracing::error!(error = %e, "cannot write playground.json");
+            }
+            self.info = Some(info);
+        }
+    }
+
+    fn every_shard_led(&self) -> bool {
+        let t = &self.state.topology;
+        t.version > 0 && t.shards.iter().all(|s| s.leader_address().is_some())
+    }
+
+    async fn stop(mut self) {
+        let mut procs: Vec<Proc> = self
+            .members
+            .iter_mut()
+            .filter_map(|m| m.proc.take())
+            .collect();
+        procs.push(self.router);
+        for p in &procs {
+            // SAFETY: sending a signal to a child we started.
+            unsafe { libc::kill(p.pid as i32, libc::SIGTERM) };
+        }
+        for mut p in procs {
+            if tokio::time::timeout(Duration::from_secs(10), p.child.wait())
+                .await
+                .is_err()
+            {
+                let _ = p.child.kill().await;
+            }
+        }
+        let _ = std::fs::remove_file(self.cfg.data_dir.join("playground.json"));
+    }
+}
+
+fn log_role_failure(replica: &str, epoch: u64, e: &ClientError) {
+    tracing::debug!(%replica, epoch, error = %e, "role assignment not delivered");
+}
+
+/// Loads the saved control state, refusing a data directory of another shape.
+fn load_state(dir: &Path, spec: &ClusterSpec) -> Result<ControlState, PlaygroundError> {
+    let path = dir.join("control.json");
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Ok(control::initial_state(spec));
+    };
+    let saved: Saved = serde_json::from_slice(&bytes)
+        .map_err(|e| PlaygroundError::Mismatch(format!("{} is unreadable: {e}", path.display())))?;
+    if saved.spec.shards != spec.shards || saved.spec.replicas_per_shard != spec.replicas_per_shard
+    {
+        return Err(PlaygroundError::Mismatch(format!(
+            "{} holds a cluster of {} shards x {} replicas; start it with --shards {} --replicas {} \
+             (changing the shape of an existing cluster is not supported yet)",
+            dir.display(),
+            saved.spec.shards,
+            saved.spec.replicas_per_shard,
+            saved.spec.shards,
+            saved.spec.replicas_per_shard
+        )));
+    }
+    let mut state = saved.state;
+    // Time restarts at zero in this process; stale timers must not trigger failovers.
+    state.resume(0);
+    Ok(state)
+}
+
+/// Runs the playground until `shutdown` resolves, then stops every child.
+pub async fn run(
+    cfg: Arc<PlaygroundConfig>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), PlaygroundError> {
+    let spec = ClusterSpec {
+        shards: cfg.shards,
+        replicas_per_shard: cfg.replicas,
+        min_in_sync: cfg.min_in_sync,
+        mode: cfg.mode,
+        lease_ms: cfg.lease_ms,
+        failover_grace_ms: cfg.failover_grace_ms,
+        in_sync_timeout_ms: cfg.in_sync_timeout_ms,
+        catch_up_lag: 0,
+    };
+    spec.validate()?;
+    std::fs::create_dir_all(cfg.data_dir.join("logs")).map_err(io(format!(
+        "cannot create data directory {}",
+        cfg.data_dir.display()
+    )))?;
+    let _lock = lock_dir(&cfg.data_dir)?;
+    let state = load_state(&cfg.data_dir, &spec)?;
+    let topology_file = cfg.data_dir.join("topology.json");
+    let router_args: Vec<String> = vec![
+        "router".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{}", cfg.port),
+        "--admin-listen".into(),
+        "127.0.0.1:0".into(),
+        "--topology".into(),
+        topology_file.display().to_string(),
+    ];
+    let log = cfg.data_dir.join("logs").join("router.log");
+    let (child, addrs) = spawn(&cfg.exe, &router_args, &log, &["listening", "admin"]).await?;
+    let router = Proc {
+        pid: child.id().unwrap_or(0),
+        child,
+        address: addrs[0].clone(),
+    };
+    let mut sup = Supervisor {
+        members: Vec::new(),
+        router,
+        router_admin: addrs[1].clone(),
+        admin: AdminClient::new(Duration::from_millis(250)),
+        epoch0: Instant::now(),
+        info: None,
+        spec,
+        state,
+        cfg: cfg.clone(),
+    };
+    let ids: Vec<(u32, String)> = (0..cfg.shards)
+        .flat_map(|s| (0..cfg.replicas).map(move |r| (s, control::replica_id(s, r))))
+        .collect();
+    let started =
+        futures_util::future::join_all(ids.iter().map(|(_, id)| sup.start_member(id))).await;
+    for ((shard, id), p) in ids.into_iter().zip(started) {
+        let p = match p {
+            Ok(p) => p,
+            Err(e) => {
+                sup.stop().await;
+                return Err(e);
+            }
+        };
+        sup.members.push(Member {
+            id,
+            shard,
+            proc: Some(p),
+            failures: 0,
+            restart_at: Instant::now(),
+            started_at: Instant::now(),
+        });
+    }
+    // The router may have loaded an older topology file; make sure it gets the current one.
+    sup.publish(&sup.state.topology.clone()).await;
+    tokio::pin!(shutdown);
+    let mut announced = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(cfg.poll_ms.max(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tick.tick() => {
+                sup.round().await;
+                if !announced && sup.every_shard_led() {
+                    announced = true;
+                    println!("router: http://{}", sup.router.address);
+                }
+            }
+        }
+    }
+    println!("stopping");
+    sup.save();
+    sup.stop().await;
+    Ok(())
+}

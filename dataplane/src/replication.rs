@@ -1,0 +1,824 @@
+//! Leader-follower replication of a shard's log.
+//!
+//! The rules are Raft's log matching, with epochs as terms: the leader sends entries with
+//! the position just before them (`prev`); a follower appends only when its log holds
+//! `prev` at the same epoch, skips entries it already holds at the same epoch, and cuts
+//! its log where an entry's epoch differs (a suffix no leader ever committed). When the
+//! leader has trimmed the part of its log a follower needs, it sends a snapshot instead.
+//!
+//! The first half of this module is those rules as pure functions over [`LogIndex`]; the
+//! second half is the leader's side at run time: one task per follower and the commit
+//! position that sync-mode writes wait for.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::client::{ClientError, HttpClient};
+use crate::storage::{AppendOutcome, LogEntry, Position, Store, StoreError};
+use crate::wire::{AckMode, FollowerAck, Peer};
+
+/// Read access to a log, as the matching rules need it.
+pub trait LogIndex {
+    /// Error of a lookup.
+    type Error;
+    /// Last entry.
+    fn last(&self) -> Position;
+    /// Last entry no longer in the log (trimmed or covered by a snapshot); the log holds
+    /// `base.seq + 1 ..= last.seq`.
+    fn base(&self) -> Position;
+    /// Epoch of the entry at `seq`, for `base.seq <= seq <= last.seq`; `None` elsewhere.
+    fn epoch_at(&self, seq: u64) -> Result<Option<u64>, Self::Error>;
+}
+
+/// What a follower does with a batch of entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendPlan {
+    /// Cut the log after `truncate_after` (when set), then append `entries[skip..]`.
+    Append {
+        /// Last seq to keep, when a divergent suffix must go.
+        truncate_after: Option<u64>,
+        /// Entries at the front that the log already holds.
+        skip: usize,
+    },
+    /// The log does not hold `prev`; write nothing.
+    Mismatch {
+        /// `prev` is here under another epoch: that epoch and the first seq of it here.
+        conflict: Option<Position>,
+    },
+}
+
+/// How far back a follower looks for the start of a conflicting epoch; bounds the work of
+/// one request (the leader simply asks again from there).
+const CONFLICT_SCAN_LIMIT: u64 = 10_000;
+
+/// Decides how a follower applies `entries` (positions, contiguous after `prev`) sent by
+/// the leader at `epoch` whose log ends at `leader_last`.
+pub fn plan_append<L: LogIndex>(
+    log: &L,
+    epoch: u64,
+    prev: Position,
+    entries: &[Position],
+    leader_last: u64,
+) -> Result<AppendPlan, L::Error> {
+    let last = log.last();
+    let base = log.base();
+    if prev.seq > last.seq {
+        // A gap: the follower is behind what the leader assumed.
+        return Ok(AppendPlan::Mismatch { conflict: None });
+    }
+    // Entries up to the base are committed and already reflected here.
+    let mut skip = base.seq.saturating_sub(prev.seq).min(entries.len() as u64) as usize;
+    if prev.seq >= base.seq {
+        let here = log.epoch_at(prev.seq)?;
+        if here != Some(prev.epoch) {
+            let Some(epoch) = here else {
+                return Ok(AppendPlan::Mismatch { conflict: None });
+            };
+            let mut first = prev.seq;
+            while first > base.seq + 1
+                && prev.seq - first < CONFLICT_SCAN_LIMIT
+                && log.epoch_at(first - 1)? == Some(epoch)
+            {
+                first -= 1;
+            }
+            return Ok(AppendPlan::Mismatch {
+                conflict: Some(Position::new(epoch, first)),
+            });
+        }
+    }
+    while skip < entries.len() {
+        let pos = entries[skip];
+        if pos.seq > last.seq {
+            break;
+        }
+        if log.epoch_at(pos.seq)? != Some(pos.epoch) {
+            return Ok(AppendPlan::Append {
+                truncate_after: Some(pos.seq - 1),
+                skip,
+            });
+        }
+        skip += 1;
+    }
+    // The batch reaches the end of the leader's log, yet this log goes on: what follows
+    // was written by older leaders and never reached the current one, so it was never
+    // committed. Entries of the current epoch are never cut this way, so a delayed,
+    // shorter batch from this same leader cannot undo a newer one.
+    let batch_end = prev.seq + entries.len() as u64;
+    if skip == entries.len()
+        && batch_end == leader_last
+        && last.seq > leader_last
+        && last.epoch < epoch
+    {
+        return Ok(AppendPlan::Append {
+            truncate_after: Some(leader_last),
+            skip,
+        });
+    }
+    Ok(AppendPlan::Append {
+        truncate_after: None,
+        skip,
+    })
+}
+
+/// What the leader sends a follower next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextStep {
+    /// Entries from this seq on.
+    From(u64),
+    /// The log no longer holds what the follower needs: a full snapshot.
+    Snapshot,
+}
+
+/// Where the leader resumes after a follower refused `sent_prev`. Always moves strictly
+/// back, so the exchange ends in a match or a snapshot.
+pub fn next_after_mismatch<L: LogIndex>(
+    leader: &L,
+    sent_prev: Position,
+    follower_last: Position,
+    conflict: Option<Position>,
+) -> NextStep {
+    let next = match conflict {
+        // The follower holds a different epoch at `prev`: retry from the first entry of
+        // that epoch it has, so the whole suspect stretch is compared again.
+        Some(c) => c.seq.min(sent_prev.seq),
+        // A gap: resume right after the follower's last entry.
+        None => (follower_last.seq + 1).min(sent_prev.seq),
+    };
+    step_from(leader, next)
+}
+
+/// `From(next)` when the leader still holds the entry before `next`, else a snapshot.
+pub fn step_from<L: LogIndex>(leader: &L, next: u64) -> NextStep {
+    if next.saturating_sub(1) < leader.base().seq {
+        NextStep::Snapshot
+    } else {
+        NextStep::From(next.max(1))
+    }
+}
+
+/// `POST /internal/replicate` body (postcard): entries after `prev`, from the leader at `epoch`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicateRequest {
+    /// Leader's epoch; the follower refuses a lower one.
+    pub epoch: u64,
+    /// Position just before the first entry.
+    pub prev: Position,
+    /// Highest seq the leader knows committed.
+    pub commit: u64,
+    /// Last seq in the leader's log.
+    pub leader_last: u64,
+    /// Entries, contiguous from `prev.seq + 1`.
+    pub entries: Vec<LogEntry>,
+}
+
+/// `POST /internal/replicate` answer (postcard).
+pub type ReplicateResponse = AppendOutcome;
+
+/// Settings of the leader's streaming.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    /// Most entries per request.
+    pub max_entries: usize,
+    /// About the most bytes per request.
+    pub max_bytes: usize,
+    /// How often an idle leader still contacts each follower (carries the commit seq).
+    pub heartbeat: Duration,
+    /// Bytes per snapshot chunk.
+    pub snapshot_chunk: usize,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            max_entries: 2048,
+            max_bytes: 4 << 20,
+            heartbeat: Duration::from_millis(100),
+            snapshot_chunk: 256 << 10,
+        }
+    }
+}
+
+/// One follower's progress as its leader sees it.
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    acked: u64,
+    last_contact: Instant,
+}
+
+/// The leader's view of its followers and of what is committed, for one epoch.
+pub struct Leadership {
+    self_id: String,
+    epoch: u64,
+    mode: AckMode,
+    in_sync: Mutex<Vec<String>>,
+    progress: Mutex<HashMap<String, Progress>>,
+    commit: watch::Sender<u64>,
+    store: Store,
+    deposed: watch::Sender<Option<u64>>,
+}
+
+impl Leadership {
+    /// Starts leading at `epoch`. Followers count as holding nothing until they answer.
+    pub fn new(
+        self_id: String,
+        epoch: u64,
+        mode: AckMode,
+        in_sync: Vec<String>,
+        store: Store,
+    ) -> Arc<Self> {
+        let l = Arc::new(Leadership {
+            self_id,
+            epoch,
+            mode,
+            in_sync: Mutex::new(in_sync),
+            progress: Mutex::new(HashMap::new()),
+            commit: watch::channel(0).0,
+            store,
+            deposed: watch::channel(None).0,
+        });
+        l.recompute();
+        l
+    }
+
+    /// Epoch of this leadership.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Ack mode.
+    pub fn mode(&self) -> AckMode {
+        self.mode
+    }
+
+    /// Replaces the in-sync set (the control plane's decision) and recomputes the commit.
+    pub fn set_in_sync(&self, in_sync: Vec<String>) {
+        *self.in_sync.lock().unwrap() = in_sync;
+        self.recompute();
+    }
+
+    /// The in-sync set, leader included.
+    pub fn in_sync(&self) -> Vec<String> {
+        self.in_sync.lock().unwrap().clone()
+    }
+
+    /// Highest committed seq.
+    pub fn commit(&self) -> u64 {
+        *self.commit.borrow()
+    }
+
+    /// Watch of the commit seq.
+    pub fn commit_watch(&self) -> watch::Receiver<u64> {
+        self.commit.subscribe()
+    }
+
+    /// The higher epoch a follower reported, once this leader has been replaced.
+    pub fn deposed(&self) -> Option<u64> {
+        *self.deposed.borrow()
+    }
+
+    /// Each follower's acknowledged seq and time since contact.
+    pub fn follower_acks(&self) -> Vec<FollowerAck> {
+        let mut acks: Vec<FollowerAck> = self
+            .progress
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, p)| FollowerAck {
+                id: id.clone(),
+                acked_seq: p.acked,
+                last_contact_ms: p.last_contact.elapsed().as_millis() as u64,
+            })
+            .collect();
+        acks.sort_by(|a, b| a.id.cmp(&b.id));
+        acks
+    }
+
+    /// Lowest seq held durably by every in-sync member, the leader's own log included.
+    pub fn min_in_sync_ack(&self) -> u64 {
+        let own = self.store.state().last.seq;
+        let in_sync = self.in_sync.lock().unwrap();
+        let progress = self.progress.lock().unwrap();
+        in_sync
+            .iter()
+            .filter(|id| **id != self.self_id)
+            .map(|id| progress.get(id).map_or(0, |p| p.acked))
+            .fold(own, u64::min)
+    }
+
+    /// Recomputes the commit seq after the log grew, a follower answered or the in-sync
+    /// set changed. It never moves back.
+    pub fn recompute(&self) {
+        let commit = match self.mode {
+            AckMode::Async => self.store.state().last.seq,
+            AckMode::Sync => self.min_in_sync_ack(),
+        };
+        self.commit.send_if_modified(|c| {
+            let moved = commit > *c;
+            if moved {
+                *c = commit;
+            }
+            moved
+        });
+    }
+
+    fn record_ack(&self, follower: &str, acked: u64) {
+        self.progress.lock().unwrap().insert(
+            follower.to_string(),
+            Progress {
+                acked,
+                last_contact: Instant::now(),
+            },
+        );
+        self.recompute();
+    }
+
+    fn depose(&self, epoch: u64) {
+        tracing::warn!(
+            epoch = self.epoch,
+            newer = epoch,
+            "a follower knows a newer epoch; stepping down"
+        );
+        self.deposed.send_replace(Some(epoch));
+    }
+}
+
+/// Streams the leader's log to one follower until the task is aborted (role change) or
+/// the leader learns it was deposed.
+pub async fn stream_to_follower(
+    leadership: Arc<Leadership>,
+    peer: Peer,
+    http: HttpClient,
+    cfg: StreamConfig,
+) {
+    let store = leadership.store.clone();
+    let mut changes = store.subscribe();
+    // Optimistic start: assume the follower is level; a mismatch walks back.
+    let mut next = store.state().last.seq + 1;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        if leadership.deposed().is_some() {
+            return;
+        }
+        let step = match step_from(&store, next) {
+            NextStep::Snapshot => {
+                match send_snapshot(&leadership, &peer, &http, &cfg).await {
+                    Ok(at) => {
+                        leadership.record_ack(&peer.id, at.seq);
+                        next = at.seq + 1;
+                        backoff = Duration::from_millis(20);
+                    }
+                    Err(e) => {
+                        tracing::warn!(follower = %peer.id, error = %e, "snapshot transfer failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
+                continue;
+            }
+            NextStep::From(n) => n,
+        };
+        next = step;
+        let result = replicate_once(&leadership, &peer, &http, &cfg, next).await;
+        match result {
+            Ok(Sent::Matched { through, sent_any }) => {
+                leadership.record_ack(&peer.id, through);
+                next = through + 1;
+                backoff = Duration::from_millis(20);
+                if !sent_any {
+                    // Level with the leader: wait for new entries or the heartbeat.
+                    let _ = tokio::time::timeout(cfg.heartbeat, changes.changed()).await;
+                }
+            }
+            Ok(Sent::Mismatch {
+                prev,
+                last,
+                conflict,
+            }) => {
+                tracing::info!(follower = %peer.id, ?prev, ?last, ?conflict, "follower log differs; walking back");
+                next = match next_after_mismatch(&store, prev, last, conflict) {
+                    NextStep::From(n) => n,
+                    NextStep::Snapshot => 0,
+                };
+            }
+            Err(StreamError::Stale(epoch)) => {
+                leadership.depose(epoch);
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(follower = %peer.id, error = %e, "replication request failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// The result of one replicate request.
+enum Sent {
+    Matched {
+        through: u64,
+        sent_any: bool,
+    },
+    Mismatch {
+        prev: Position,
+        last: Position,
+        conflict: Option<Position>,
+    },
+}
+
+/// Why a transfer to a follower failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The follower has seen a higher epoch.
+    #[error("follower is at a higher epoch {0}")]
+    Stale(u64),
+    /// HTTP failure.
+    #[error(transparent)]
+    Http(#[from] ClientError),
+    /// Local storage failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The follower answered something unreadable.
+    #[error("bad answer from follower: {0}")]
+    Protocol(String),
+}
+
+async fn replicate_once(
+    leadership: &Leadership,
+    peer: &Peer,
+    http: &HttpClient,
+    cfg: &StreamConfig,
+    next: u64,
+) -> Result<Sent, StreamError> {
+    let store = &leadership.store;
+    let prev_seq = next - 1;
+    let prev_epoch = store.epoch_at(prev_seq)?.unwrap_or(0);
+    let prev = Position::new(prev_epoch, prev_seq);
+    let entries = if store.state().last.seq >= next {
+        store.read_log(next, cfg.max_entries, cfg.max_bytes)?
+    } else {
+        Vec::new()
+    };
+    let n = entries.len() as u64;
+    let req = ReplicateRequest {
+        epoch: leadership.epoch,
+        prev,
+        commit: leadership.commit(),
+        leader_last: store.state().last.seq,
+        entries,
+    };
+    let body =
+        Bytes::from(postcard::to_stdvec(&req).map_err(|e| StreamError::Protocol(e.to_string()))?);
+    let resp = http
+        .post(
+            &peer.address,
+            "/internal/replicate",
+            "application/octet-stream",
+            body,
+            Duration::from_secs(5),
+        )
+        .await?;
+    if resp.status == hyper::StatusCode::CONFLICT {
+        return Err(StreamError::Stale(
+            crate::api::epoch_in_error(&resp.body).unwrap_or(leadership.epoch + 1),
+        ));
+    }
+    if !resp.status.is_success() {
+        return Err(StreamError::Protocol(format!(
+            "status {}: {}",
+            resp.status,
+            String::from_utf8_lossy(&resp.body)
+        )));
+    }
+    let outcome: ReplicateResponse =
+        postcard::from_bytes(&resp.body).map_err(|e| StreamError::Protocol(e.to_string()))?;
+    Ok(match outcome {
+        // Only what was checked against `prev` counts: a follower may hold a longer,
+        // divergent suffix that the next batch will cut.
+        AppendOutcome::Appended { .. } => Sent::Matched {
+            through: prev_seq + n,
+            sent_any: n > 0,
+        },
+        AppendOutcome::Mismatch { last, conflict } => Sent::Mismatch {
+            prev,
+            last,
+            conflict,
+        },
+    })
+}
+
+async fn send_snapshot(
+    leadership: &Leadership,
+    peer: &Peer,
+    http: &HttpClient,
+    cfg: &StreamConfig,
+) -> Result<Position, StreamError> {
+    tracing::info!(follower = %peer.id, "follower needs entries the log no longer has; sending a snapshot");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let store = leadership.store.clone();
+    let chunk = cfg.snapshot_chunk;
+    let export = tokio::task::spawn_blocking(move || {
+        store.export_snapshot(chunk, |b| tx.blocking_send(b).is_ok())
+    });
+    let path = format!("/internal/snapshot?epoch={}", leadership.epoch);
+    let resp = http
+        .post_stream(&peer.address, &path, rx, Duration::from_secs(600))
+        .await;
+    let at = export
+        .await
+        .map_err(|e| StreamError::Protocol(e.to_string()))??;
+    let resp = resp?;
+    if resp.status == hyper::StatusCode::CONFLICT {
+        return Err(StreamError::Stale(
+            crate::api::epoch_in_error(&resp.body).unwrap_or(leadership.epoch + 1),
+        ));
+    }
+    if !resp.status.is_success() {
+        return Err(StreamError::Protocol(format!(
+            "status {}: {}",
+            resp.status,
+            String::from_utf8_lossy(&resp.body)
+        )));
+    }
+    Ok(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log as a list of epochs: `epochs[i]` is the epoch of seq `base.seq + 1 + i`.
+    struct VecLog {
+        base: Position,
+        epochs: Vec<u64>,
+    }
+
+    fn log(base: (u64, u64), epochs: &[u64]) -> VecLog {
+        VecLog {
+            base: Position::new(base.0, base.1),
+            epochs: epochs.to_vec(),
+        }
+    }
+
+    impl LogIndex for VecLog {
+        type Error = ();
+        fn last(&self) -> Position {
+            match self.epochs.last() {
+                Some(&e) => Position::new(e, self.base.seq + self.epochs.len() as u64),
+                None => self.base,
+            }
+        }
+        fn base(&self) -> Position {
+            self.base
+        }
+        fn epoch_at(&self, seq: u64) -> Result<Option<u64>, ()> {
+            if seq == self.base.seq {
+                return Ok(Some(self.base.epoch));
+            }
+            if seq < self.base.seq {
+                return Ok(None);
+            }
+            Ok(self.epochs.get((seq - self.base.seq - 1) as usize).copied())
+        }
+    }
+
+    fn entries(from: u64, epochs: &[u64]) -> Vec<Position> {
+        epochs
+            .iter()
+            .enumerate()
+            .map(|(i, &e)| Position::new(e, from + i as u64))
+            .collect()
+    }
+
+    fn p(e: u64, s: u64) -> Position {
+        Position::new(e, s)
+    }
+
+    #[test]
+    fn empty_log_accepts_from_the_start() {
+        let l = log((0, 0), &[]);
+        assert_eq!(
+            plan_append(&l, 1, p(0, 0), &entries(1, &[1, 1]), 2),
+            Ok(AppendPlan::Append {
+                truncate_after: None,
+                skip: 0
+            })
+        );
+    }
+
+    #[test]
+    fn empty_log_refuses_a_later_prev() {
+        let l = log((0, 0), &[]);
+        assert_eq!(
+            plan_append(&l, 1, p(1, 5), &entries(6, &[1]), 6),
+            Ok(AppendPlan::Mismatch { conflict: None })
+        );
+    }
+
+    #[test]
+    fn gap_is_a_mismatch_without_conflict() {
+        let l = log((0, 0), &[1, 1, 1]);
+        assert_eq!(
+            plan_append(&l, 1, p(1, 7), &entries(8, &[1]), 8),
+            Ok(AppendPlan::Mismatch { conflict: None })
+        );
+    }
+
+    #[test]
+    fn matching_prev_appends() {
+        let l = log((0, 0), &[1, 1, 2]);
+        assert_eq!(
+            plan_append(&l, 2, p(2, 3), &entries(4, &[2, 2]), 5),
+            Ok(AppendPlan::Append {
+                truncate_after: None,
+                skip: 0
+            })
+        );
+    }
+
+    #[test]
+    fn entries_already_held_are_skipped_not_truncated() {
+        // A duplicate delivery of entries 2..3 must not cut entries 4..5.
+        let l = log((0, 0), &[1, 1, 1, 1, 1]);
+        assert_eq!(
+            plan_append(&l, 1, p(1, 1), &entries(2, &[1, 1]), 9),
+            Ok(AppendPlan::Append {
+                truncate_after: None,
+                skip: 2
+            })
+        );
+    }
+
+    #[test]
+    fn a_longer_suffix_from_older_epochs_is_cut_at_the_leader_end() {
+        // The deposed leader wrote 4..6 at epoch 1; the new leader (epoch 2) ends at 3.
+        let l = log((0, 0), &[1, 1, 1, 1, 1, 1]);
+        assert_eq!(
+            plan_append(&l, 2, p(1, 3), &[], 3),
+            Ok(AppendPlan::Append {
+                truncate_after: Some(3),
+                skip: 0
+            })
+        );
+        // Entries of the current epoch are never cut by a shorter (delayed) batch.
+        let l = log((0, 0), &[1, 1, 2, 2, 2]);
+        assert_eq!(
+            plan_append(&l, 2, p(2, 3), &[], 3),
+            Ok(AppendPlan::Append {
+                truncate_after: None,
+                skip: 0
+            })
+        );
+    }
+
+    #[test]
+    fn divergent_suffix_is_cut_at_the_first_differing_epoch() {
+        // Seqs 4..5 were written by a deposed leader at epoch 2; the new leader (epoch 3)
+        // has 4 at epoch 3.
+        let l = log((0, 0), &[1, 1, 1, 2, 2]);
+        assert_eq!(
+            plan_append(&l, 3, p(1, 3), &entries(4, &[3, 3]), 5),
+            Ok(AppendPlan::Append {
+                truncate_after: Some(3),
+                skip: 0
+            })
+        );
+    }
+
+    #[test]
+    fn conflicting_prev_reports_the_start_of_the_conflicting_epoch() {
+        let l = log((0, 0), &[1, 1, 2, 2, 2]);
+        assert_eq!(
+            plan_append(&l, 3, p(3, 5), &entries(6, &[3]), 6),
+            Ok(AppendPlan::Mismatch {
+                conflict: Some(p(2, 3))
+            })
+        );
+    }
+
+    #[test]
+    fn epoch_boundary_at_prev_matches() {
+        let l = log((0, 0), &[1, 1, 2]);
+        assert_eq!(
+            plan_append(&l, 3, p(1, 2), &entries(3, &[2, 3]), 4),
+            Ok(AppendPlan::Append {
+                truncate_after: None,
+                skip: 1
+            })
+        );
+    }
+
+    #[test]
+    fn entries_covered_by_a_snapshot_are_skipped() {
+        // Base at 10 from a snapshot; the leader resends from 8.
+        let l = log((2, 10), &[2]);
+        assert_eq!(
+            plan_append(&l, 2, p(2, 7), &entries(8, &[2, 2, 2, 2, 2]), 12),
+            Ok(AppendPlan::Append {
+                truncate_after: None,
+                skip: 4
+            })
+        );
+    }
+
+    #[test]
+    fn leader_walks_back_to_the_follower_end_on_a_gap() {
+        let leader = log((0, 0), &[1; 20]);
+        assert_eq!(
+            next_after_mismatch(&leader, p(1, 20), p(1, 7), None),
+            NextStep::From(8)
+        );
+    }
+
+    #[test]
+    fn leader_walks_back_a_whole_epoch_on_conflict() {
+        let leader = log((0, 0), &[1, 1, 3, 3, 3, 3]);
+        assert_eq!(
+            next_after_mismatch(&leader, p(3, 5), p(2, 5), Some(p(2, 3))),
+            NextStep::From(3)
+        );
+    }
+
+    #[test]
+    fn leader_sends_a_snapshot_when_it_trimmed_what_is_needed() {
+        let leader = log((1, 100), &[1, 1]);
+        assert_eq!(
+            next_after_mismatch(&leader, p(1, 102), p(1, 40), None),
+            NextStep::Snapshot
+        );
+        // Exactly at the base is still fine: the base's epoch is known.
+        assert_eq!(
+            next_after_mismatch(&leader, p(1, 102), p(1, 100), None),
+            NextStep::From(101)
+        );
+    }
+
+    #[test]
+    fn mismatch_always_moves_back() {
+        let leader = log((0, 0), &[1; 50]);
+        for sent in 1..50 {
+            for last in 0..60 {
+                if let NextStep::From(n) =
+                    next_after_mismatch(&leader, p(1, sent), p(1, last), None)
+                {
+                    assert!(
+                        n <= sent,
+                        "sent prev {sent}, follower last {last}, next {n}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Plays the leader and follower rules against each other until they agree, for many
+    /// pairs of logs that share a prefix and then diverge.
+    #[test]
+    fn follower_converges_to_the_leader_log() {
+        let shapes: &[(&[u64], &[u64])] = &[
+            (&[], &[1, 1, 1]),
+            (&[1, 1, 1], &[1, 1, 1, 1, 1]),
+            (&[1, 1, 2, 2, 2], &[1, 1, 3, 3]),
+            (&[1, 2, 2, 4, 4, 4, 4], &[1, 2, 3, 3, 5]),
+            (&[1, 1, 1, 1, 1, 1], &[1, 1]),
+            (&[2, 2, 2], &[1, 3, 3, 3]),
+        ];
+        for (follower, leader) in shapes {
+            let leader_log = log((0, 0), leader);
+            // Any leader change raises the epoch above every entry either log holds.
+            let epoch = leader.iter().chain(follower.iter()).max().unwrap() + 1;
+            let mut f = follower.to_vec();
+            let mut next = leader_log.last().seq + 1;
+            for _round in 0..20 {
+                let prev = Position::new(leader_log.epoch_at(next - 1).unwrap().unwrap(), next - 1);
+                let batch: Vec<Position> = (next..=leader_log.last().seq)
+                    .map(|s| Position::new(leader_log.epoch_at(s).unwrap().unwrap(), s))
+                    .collect();
+                let fl = log((0, 0), &f);
+                match plan_append(&fl, epoch, prev, &batch, leader_log.last().seq).unwrap() {
+                    AppendPlan::Append {
+                        truncate_after,
+                        skip,
+                    } => {
+                        if let Some(t) = truncate_after {
+                            f.truncate(t as usize);
+                        }
+                        f.extend(batch[skip..].iter().map(|p| p.epoch));
+                        break;
+                    }
+                    AppendPlan::Mismatch { conflict } => {
+                        next = match next_after_mismatch(&leader_log, prev, fl.last(), conflict) {
+                            NextStep::From(n) => n,
+                            NextStep::Snapshot => panic!("no trimming here"),
+                        };
+                    }
+                }
+            }
+            assert_eq!(&f, leader, "follower {follower:?} did not converge");
+        }
+    }
+}

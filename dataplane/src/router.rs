@@ -1,0 +1,491 @@
+//! The router (`distkv router`): hashes each key to its slot, forwards the request to the
+//! shard's leader over pooled keep-alive connections, and retries once when the leader
+//! moved. Stateless apart from the topology the control plane pushes to it.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router as App;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{self, ApiError, Limits};
+use crate::client::{AdminClient, ClientError, HttpClient, full};
+use crate::metrics::{self, Metrics};
+use crate::slots::{Slot, slot_for};
+use crate::topology::{Role, ShardInfo, Topology, TopologyError};
+
+/// Settings of a router.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Key and value limits, enforced before forwarding.
+    pub limits: Limits,
+    /// File the topology is (re)loaded from, when the control plane writes one.
+    pub topology_file: Option<PathBuf>,
+    /// Timeout of one forwarded request.
+    pub timeout: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            limits: Limits::default(),
+            topology_file: None,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A topology with its slot table.
+struct Routing {
+    topology: Topology,
+    owner: Vec<u32>,
+}
+
+impl Routing {
+    fn new(topology: Topology) -> Result<Self, TopologyError> {
+        let owner = if topology.shards.is_empty() {
+            Vec::new()
+        } else {
+            topology.slot_table()?
+        };
+        Ok(Routing { topology, owner })
+    }
+
+    fn shard(&self, slot: Slot) -> Option<&ShardInfo> {
+        let index = *self.owner.get(usize::from(slot))?;
+        self.topology.shards.get(index as usize)
+    }
+}
+
+/// A running router.
+pub struct Router {
+    cfg: RouterConfig,
+    routing: RwLock<Arc<Routing>>,
+    http: HttpClient,
+    admin: AdminClient,
+    metrics: Arc<Metrics>,
+    next_replica: AtomicUsize,
+}
+
+/// Headers passed from client to node.
+const FORWARD_REQUEST: [HeaderName; 3] = [
+    header::CONTENT_TYPE,
+    header::IF_MATCH,
+    header::IF_NONE_MATCH,
+];
+/// Headers passed from node to client.
+const FORWARD_RESPONSE: [HeaderName; 3] = [header::CONTENT_TYPE, header::ETAG, header::RETRY_AFTER];
+
+impl Router {
+    /// A router with the topology from `cfg.topology_file` if it exists, else empty.
+    pub fn new(cfg: RouterConfig) -> Arc<Router> {
+        let router = Arc::new(Router {
+            routing: RwLock::new(Arc::new(Routing::new(Topology::default()).expect("empty"))),
+            http: HttpClient::new(),
+            admin: AdminClient::new(Duration::from_millis(500)),
+            metrics: Metrics::new(),
+            next_replica: AtomicUsize::new(0),
+            cfg,
+        });
+        router.reload_file();
+        router
+    }
+
+    /// Installs `topology` if it is newer than the one in use.
+    pub fn install(&self, topology: Topology) -> Result<bool, TopologyError> {
+        let version = topology.version;
+        let routing = Routing::new(topology)?;
+        let mut current = self.routing.write().unwrap();
+        if version <= current.topology.version {
+            return Ok(false);
+        }
+        *current = Arc::new(routing);
+        self.metrics.topology_version.set(version as i64);
+        tracing::info!(version, "topology installed");
+        Ok(true)
+    }
+
+    /// The topology in use.
+    pub fn topology(&self) -> Topology {
+        self.routing.read().unwrap().topology.clone()
+    }
+
+    fn routing(&self) -> Arc<Routing> {
+        self.routing.read().unwrap().clone()
+    }
+
+    fn reload_file(&self) {
+        let Some(path) = &self.cfg.topology_file else {
+            return;
+        };
+        let Ok(text) = std::fs::read(path) else {
+            return;
+        };
+        match serde_json::from_slice::<Topology>(&text) {
+            Ok(t) => {
+                if let Err(e) = self.install(t) {
+                    tracing::warn!(error = %e, "topology file is invalid");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "cannot read topology file")
+            }
+        }
+    }
+
+    /// The public app: the client API, forwarded; never `/internal/*`.
+    pub fn app(self: &Arc<Self>) -> App {
+        App::new()
+            .route(
+                "/v1/kv/{*key}",
+                get(forward_v1).put(forward_v1).delete(forward_v1),
+            )
+            .route("/put", post(forward_demo_put))
+            .route("/get", get(forward_demo_key))
+            .route("/delete", get(forward_demo_key).delete(forward_demo_key))
+            .route("/v1/cluster", get(cluster))
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/openapi.json", get(crate::openapi::serve))
+            .with_state(self.clone())
+            .route(
+                "/metrics",
+                get(metrics::serve).with_state(self.metrics.clone()),
+            )
+            .fallback(api::unknown_route)
+            .method_not_allowed_fallback(api::wrong_method)
+            .layer(axum::middleware::from_fn_with_state(
+                self.metrics.clone(),
+                metrics::track,
+            ))
+    }
+
+    /// The admin app, on a separate listener: topology pushes from the control plane.
+    pub fn admin_app(self: &Arc<Self>) -> App {
+        App::new()
+            .route("/internal/topology", put(put_topology).get(get_topology))
+            .route("/healthz", get(healthz))
+            .with_state(self.clone())
+            .fallback(api::unknown_route)
+            .method_not_allowed_fallback(api::wrong_method)
+    }
+
+    /// Forwards a request for `key` to its shard's leader (or any replica for a stale
+    /// read). A leader change answered by the node (421 or 409) or a refused connection
+    /// makes it reload the topology and try once more.
+    async fn forward(
+        &self,
+        key: &[u8],
+        method: Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+        stale: bool,
+    ) -> Result<Response, ApiError> {
+        let slot = slot_for(key);
+        let fwd: Vec<(&str, &str)> = FORWARD_REQUEST
+            .iter()
+            .filter_map(|h| Some((h.as_str(), headers.get(h)?.to_str().ok()?)))
+            .collect();
+        let mut hint: Option<String> = None;
+        for attempt in 0..2 {
+            let routing = self.routing();
+            let shard = routing.shard(slot).ok_or_else(|| {
+                ApiError::unavailable("no_topology", "the router has no topology yet")
+            })?;
+            let addr = match hint.take() {
+                Some(h) => h,
+                None => self.pick(shard, stale)?,
+            };
+            let result = self
+                .http
+                .call(
+                    method.clone(),
+                    &addr,
+                    path_and_query,
+                    &fwd,
+                    full(body.clone()),
+                    self.cfg.timeout,
+                )
+                .await;
+            let retry = attempt == 0;
+            match result {
+                Ok(r) if retry && moved(r.status) => {
+                    self.metrics.retries.inc();
+                    self.reload_file();
+                    hint = api::leader_in_error(&r.body).filter(|h| *h != addr);
+                }
+                Ok(r) => return Ok(into_response(r)),
+                // Nothing was sent on a refused connection, so even a write may go again.
+                Err(ClientError::Connect { .. }) if retry => {
+                    self.metrics.retries.inc();
+                    self.reload_file();
+                }
+                Err(ClientError::Timeout(_)) => {
+                    return Err(ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        format!(
+                            "replica {addr} did not answer in time; a write's outcome is unknown"
+                        ),
+                    ));
+                }
+                Err(e) => {
+                    return Err(ApiError::unavailable("upstream_unavailable", e.to_string()));
+                }
+            }
+        }
+        Err(ApiError::unavailable(
+            "leader_moved",
+            "the shard's leader changed and the new one is not known yet; retry",
+        ))
+    }
+
+    fn pick(&self, shard: &ShardInfo, stale: bool) -> Result<String, ApiError> {
+        if stale && !shard.replicas.is_empty() {
+            let i = self.next_replica.fetch_add(1, Ordering::Relaxed) % shard.replicas.len();
+            return Ok(shard.replicas[i].address.clone());
+        }
+        shard.leader_address().map(str::to_owned).ok_or_else(|| {
+            ApiError::unavailable(
+                "no_leader",
+                format!("shard {} has no leader right now", shard.id),
+            )
+        })
+    }
+}
+
+fn moved(status: StatusCode) -> bool {
+    status == StatusCode::MISDIRECTED_REQUEST || status == StatusCode::CONFLICT
+}
+
+fn into_response(r: crate::client::Response) -> Response {
+    let mut resp = Response::new(Body::from(r.body));
+    *resp.status_mut() = r.status;
+    for h in FORWARD_RESPONSE {
+        if let Some(v) = r.headers.get(&h) {
+            resp.headers_mut().insert(h, v.clone());
+        }
+    }
+    resp
+}
+
+type RouterState = State<Arc<Router>>;
+
+async fn forward_v1(
+    State(r): RouterState,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let key = api::key_from_path(uri.path(), &r.cfg.limits)?;
+    let body = if method == Method::PUT {
+        api::condition(&headers)?;
+        api::read_body(&headers, body, r.cfg.limits.max_value_bytes, "value").await?
+    } else {
+        Bytes::new()
+    };
+    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let stale = method == Method::GET && api::wants_stale(uri.query());
+    r.forward(&key, method, pq, &headers, body, stale).await
+}
+
+async fn forward_demo_put(State(r): RouterState, headers: HeaderMap, body: Body) -> Response {
+    let run = async {
+        let body = api::read_body(&headers, body, r.cfg.limits.max_json_bytes(), "body").await?;
+        let put = api::parse_demo_put(&body, &r.cfg.limits)?;
+        r.forward(
+            put.key.as_bytes(),
+            Method::POST,
+            "/put",
+            &headers,
+            body,
+            false,
+        )
+        .await
+    };
+    run.await.unwrap_or_else(ApiError::into_demo)
+}
+
+async fn forward_demo_key(
+    State(r): RouterState,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let run = async {
+        let key = api::demo_key(uri.query(), &r.cfg.limits)?;
+        let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let stale = uri.path() == "/get" && api::wants_stale(uri.query());
+        r.forward(&key, method, pq, &headers, Bytes::new(), stale)
+            .await
+    };
+    run.await.unwrap_or_else(ApiError::into_demo)
+}
+
+/// `GET /v1/cluster` answer: the topology with each replica's live state.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ClusterView {
+    /// Topology version.
+    pub version: u64,
+    /// Number of hash slots.
+    pub slots: u16,
+    /// Shards.
+    pub shards: Vec<ShardView>,
+}
+
+/// One shard in `GET /v1/cluster`.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ShardView {
+    /// Shard id.
+    pub id: u32,
+    /// Leadership epoch.
+    pub epoch: u64,
+    /// Leader replica id.
+    pub leader: Option<String>,
+    /// Inclusive slot ranges.
+    pub slot_ranges: Vec<(Slot, Slot)>,
+    /// Replicas with their live state.
+    pub replicas: Vec<ReplicaView>,
+}
+
+/// One replica in `GET /v1/cluster`.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReplicaView {
+    /// Replica id.
+    pub id: String,
+    /// Address.
+    pub address: String,
+    /// Role as the replica reports it (as the topology says when unreachable).
+    pub role: Role,
+    /// Highest epoch the replica has seen.
+    pub epoch: u64,
+    /// Epoch of its last log entry.
+    pub last_epoch: u64,
+    /// Last applied log seq.
+    pub applied_seq: u64,
+    /// Highest committed seq it knows.
+    pub commit_seq: u64,
+    /// Keys stored.
+    pub keys: u64,
+    /// In the in-sync set.
+    pub in_sync: bool,
+    /// Whether it answered.
+    pub reachable: bool,
+}
+
+/// `GET /v1/cluster`: topology and per-replica state.
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster",
+    responses((status = 200, description = "Topology and replica states", body = ClusterView)))]
+pub async fn cluster(State(r): RouterState) -> axum::Json<ClusterView> {
+    let topology = r.topology();
+    let mut shards = Vec::new();
+    for shard in &topology.shards {
+        let calls = shard
+            .replicas
+            .iter()
+            .map(|rep| r.admin.status(&rep.address));
+        let statuses = futures_util::future::join_all(calls).await;
+        let replicas = shard
+            .replicas
+            .iter()
+            .zip(statuses)
+            .map(|(rep, st)| match st {
+                Ok(s) => ReplicaView {
+                    id: rep.id.clone(),
+                    address: rep.address.clone(),
+                    role: s.role,
+                    epoch: s.epoch,
+                    last_epoch: s.last_epoch,
+                    applied_seq: s.last_seq,
+                    commit_seq: s.commit_seq,
+                    keys: s.keys,
+                    in_sync: rep.in_sync,
+                    reachable: true,
+                },
+                Err(_) => ReplicaView {
+                    id: rep.id.clone(),
+                    address: rep.address.clone(),
+                    role: rep.role,
+                    epoch: 0,
+                    last_epoch: 0,
+                    applied_seq: 0,
+                    commit_seq: 0,
+                    keys: 0,
+                    in_sync: rep.in_sync,
+                    reachable: false,
+                },
+            })
+            .collect();
+        shards.push(ShardView {
+            id: shard.id,
+            epoch: shard.epoch,
+            leader: shard.leader.clone(),
+            slot_ranges: shard.slot_ranges.clone(),
+            replicas,
+        });
+    }
+    axum::Json(ClusterView {
+        version: topology.version,
+        slots: topology.slots,
+        shards,
+    })
+}
+
+/// `GET /healthz`: the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "Alive")))]
+pub async fn healthz() -> impl IntoResponse {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: every shard has a leader.
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses((status = 200, description = "Every shard has a leader"), (status = 503, description = "Not ready")))]
+pub async fn readyz(State(r): RouterState) -> Response {
+    let routing = r.routing();
+    let t = &routing.topology;
+    let ready = !t.shards.is_empty() && t.shards.iter().all(|s| s.leader_address().is_some());
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(serde_json::json!({"ready": ready, "version": t.version})),
+    )
+        .into_response()
+}
+
+/// `GET /metrics`: Prometheus text (documented here; served by [`metrics::serve`]).
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
+pub async fn metrics_doc() {}
+
+async fn put_topology(
+    State(r): RouterState,
+    body: Bytes,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let t: Topology = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid topology: {e}")))?;
+    let applied = r
+        .install(t)
+        .map_err(|e| ApiError::bad_request("invalid_topology", e.to_string()))?;
+    let version = r.routing().topology.version;
+    Ok(axum::Json(
+        serde_json::json!({"applied": applied, "version": version}),
+    ))
+}
+
+async fn get_topology(State(r): RouterState) -> axum::Json<Topology> {
+    axum::Json(r.topology())
+}
