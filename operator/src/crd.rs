@@ -393,9 +393,6 @@ pub struct ReplicaStatus {
     pub role: String,
     /// Whether the pod is Ready.
     pub ready: bool,
-    /// Sequence number of the replica's last log entry, when it answered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_seq: Option<u64>,
 }
 
 fn preserve_unknown_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

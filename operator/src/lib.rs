@@ -5,6 +5,11 @@
 
 pub mod builders;
 pub mod crd;
+pub mod metrics;
 pub mod nodes;
+pub mod observe;
+pub mod reconcile;
 pub mod render;
+pub mod scale;
+pub mod status;
 pub mod validate;
