@@ -13,3 +13,8 @@ pub mod render;
 pub mod scale;
 pub mod status;
 pub mod validate;
+
+#[cfg(test)]
+mod reconcile_tests;
+#[cfg(test)]
+mod testing;

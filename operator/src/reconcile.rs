@@ -16,7 +16,7 @@ use futures::future::join_all;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event as K8sEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Resource, ResourceExt};
@@ -89,8 +89,8 @@ pub struct Context {
     pub observer: Arc<dyn ReplicaObserver>,
     /// Sends roles and topologies.
     pub control: Arc<dyn NodeControl>,
-    /// Publishes Events.
-    pub recorder: Recorder,
+    /// Who publishes Events (controller name and pod).
+    pub reporter: Reporter,
     /// Metrics.
     pub metrics: Metrics,
     /// Milliseconds on a monotonic clock of this process.
@@ -111,7 +111,7 @@ impl Context {
     ) -> Self {
         let start = Instant::now();
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            reporter,
             client,
             observer,
             control,
@@ -507,6 +507,11 @@ async fn publish_event(ctx: &Context, kvc: &KvCluster, event: &ControlEvent) {
     publish(ctx, kvc, type_, reason, "Control", &event.to_string()).await;
 }
 
+/// Creates one `events.k8s.io/v1` Event about `kvc`.
+///
+/// Each role change gets its own Event rather than going through kube's deduplicating
+/// recorder, which folds events with the same reason into a series that keeps the first
+/// message: a second failover of a shard would then show the first one's leader.
 async fn publish(
     ctx: &Context,
     kvc: &KvCluster,
@@ -515,14 +520,36 @@ async fn publish(
     action: &str,
     note: &str,
 ) {
-    let event = K8sEvent {
-        type_,
-        reason: reason.to_string(),
-        note: Some(note.to_string()),
-        action: action.to_string(),
-        secondary: None,
+    use k8s_openapi::api::events::v1::Event;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let namespace = kvc.namespace().unwrap_or_else(|| "default".into());
+    let event = Event {
+        metadata: ObjectMeta {
+            name: Some(format!("{}.{:x}", kvc.name_any(), now.as_nanosecond())),
+            namespace: Some(namespace.clone()),
+            ..ObjectMeta::default()
+        },
+        event_time: Some(MicroTime(now)),
+        type_: Some(match type_ {
+            EventType::Normal => "Normal".into(),
+            EventType::Warning => "Warning".into(),
+        }),
+        reason: Some(reason.to_string()),
+        action: Some(action.to_string()),
+        note: Some(note.chars().take(1000).collect()),
+        regarding: Some(kvc.object_ref(&())),
+        reporting_controller: Some(ctx.reporter.controller.clone()),
+        reporting_instance: Some(
+            ctx.reporter
+                .instance
+                .clone()
+                .unwrap_or_else(|| ctx.reporter.controller.clone()),
+        ),
+        ..Event::default()
     };
-    if let Err(e) = ctx.recorder.publish(&event, &kvc.object_ref(&())).await {
+    let api: Api<Event> = Api::namespaced(ctx.client.clone(), &namespace);
+    if let Err(e) = api.create(&kube::api::PostParams::default(), &event).await {
         warn!("event not recorded: {e}");
     }
 }
