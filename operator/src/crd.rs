@@ -19,6 +19,8 @@ pub const GROUP: &str = "distkv.io";
 pub const DEFAULT_IMAGE: &str = "distkv:dev";
 
 /// Desired state of a distkv cluster: shards, replicas, image, storage, replication, router.
+// Each printcolumn(...) repeats `type_ = ..`; clippy reads them as one duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "distkv.io",

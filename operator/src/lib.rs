@@ -5,6 +5,7 @@
 
 pub mod builders;
 pub mod crd;
+pub mod leader;
 pub mod metrics;
 pub mod nodes;
 pub mod observe;

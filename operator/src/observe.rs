@@ -58,7 +58,7 @@ pub fn node_pods(cluster: &str, namespace: &str, pods: &[Pod]) -> Vec<NodePod> {
             })
         })
         .collect();
-    out.sort_by(|a, b| (a.shard, a.ordinal).cmp(&(b.shard, b.ordinal)));
+    out.sort_by_key(|n| (n.shard, n.ordinal));
     out
 }
 

@@ -188,20 +188,20 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
     if state.is_none() && invalid.is_none() {
         state = Some(control::initial_state(&cspec));
     }
-    if invalid.is_some() {
-        if let Some(state) = &state {
-            // Drive the cluster as it runs: its shard count and replica counts.
-            cspec.shards = state.topology.shards.len() as u32;
-            let running = state
-                .topology
-                .shards
-                .iter()
-                .map(|s| s.replicas.len() as u32)
-                .max()
-                .unwrap_or(1);
-            cspec.replicas_per_shard = running.max(1);
-            cspec.min_in_sync = cspec.min_in_sync.clamp(1, cspec.replicas_per_shard);
-        }
+    if invalid.is_some()
+        && let Some(state) = &state
+    {
+        // Drive the cluster as it runs: its shard count and replica counts.
+        cspec.shards = state.topology.shards.len() as u32;
+        let running = state
+            .topology
+            .shards
+            .iter()
+            .map(|s| s.replicas.len() as u32)
+            .max()
+            .unwrap_or(1);
+        cspec.replicas_per_shard = running.max(1);
+        cspec.min_in_sync = cspec.min_in_sync.clamp(1, cspec.replicas_per_shard);
     }
 
     // Build and apply (valid spec only).
@@ -277,18 +277,18 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
     if kvc.status.as_ref() != Some(&new_status) {
         patch_status(&ctx, &namespace, &name, &new_status).await?;
     }
-    if let Some(invalid) = &invalid {
-        if kvc.status.as_ref().and_then(|s| degraded_reason(s)) != Some(invalid.reason) {
-            publish(
-                &ctx,
-                &kvc,
-                EventType::Warning,
-                invalid.reason,
-                "Validate",
-                &invalid.message,
-            )
-            .await;
-        }
+    if let Some(invalid) = &invalid
+        && kvc.status.as_ref().and_then(degraded_reason) != Some(invalid.reason)
+    {
+        publish(
+            &ctx,
+            &kvc,
+            EventType::Warning,
+            invalid.reason,
+            "Validate",
+            &invalid.message,
+        )
+        .await;
     }
 
     ctx.memory(&key, |m| m.failures = 0);

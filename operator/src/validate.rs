@@ -111,17 +111,17 @@ pub fn validate_spec(spec: &KvClusterSpec, current_shards: Option<u32>) -> Resul
             "router.nodePort needs serviceType NodePort or LoadBalancer",
         ));
     }
-    if let Some(current) = current_shards {
-        if current != spec.shards {
-            return Err(InvalidSpec::new(
-                "ReshardingUnsupported",
-                format!(
-                    "spec.shards changed from {current} to {}; resharding is not supported yet, \
+    if let Some(current) = current_shards
+        && current != spec.shards
+    {
+        return Err(InvalidSpec::new(
+            "ReshardingUnsupported",
+            format!(
+                "spec.shards changed from {current} to {}; resharding is not supported yet, \
                      so the cluster keeps running with {current} shards (set shards back to {current})",
-                    spec.shards
-                ),
-            ));
-        }
+                spec.shards
+            ),
+        ));
     }
     Ok(())
 }

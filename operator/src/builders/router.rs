@@ -95,21 +95,20 @@ pub fn router_deployment(cluster: &ClusterRef<'_>) -> Deployment {
 fn soften(
     mut affinity: k8s_openapi::api::core::v1::Affinity,
 ) -> k8s_openapi::api::core::v1::Affinity {
-    if let Some(aa) = affinity.pod_anti_affinity.as_mut() {
-        if let Some(required) = aa
+    if let Some(aa) = affinity.pod_anti_affinity.as_mut()
+        && let Some(required) = aa
             .required_during_scheduling_ignored_during_execution
             .take()
-        {
-            aa.preferred_during_scheduling_ignored_during_execution = Some(
-                required
-                    .into_iter()
-                    .map(|term| k8s_openapi::api::core::v1::WeightedPodAffinityTerm {
-                        weight: 100,
-                        pod_affinity_term: term,
-                    })
-                    .collect(),
-            );
-        }
+    {
+        aa.preferred_during_scheduling_ignored_during_execution = Some(
+            required
+                .into_iter()
+                .map(|term| k8s_openapi::api::core::v1::WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: term,
+                })
+                .collect(),
+        );
     }
     affinity
 }
