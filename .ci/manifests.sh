@@ -120,6 +120,25 @@ check "chart sample KvCluster against the CRD schema" validate_kvclusters "$OUT/
 check "chart RBAC is least privilege (no wildcards, no secrets)" \
     bash -c "! grep -nE \"'\\*'|\\\"\\*\\\"|- \\*|secrets\" '$OUT/helm-defaults.yaml'"
 
+# The operator Deployment's arguments parse: the binary gets past its command line and
+# stops only where it needs a cluster.
+operator_args_parse() {
+    local args
+    args=$("$VENV/bin/python" -c '
+import sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d and d.get("kind") == "Deployment":
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        print("\n".join(c["args"]))
+' "$OUT/helm-defaults.yaml")
+    local err
+    # Listen on loopback: a CI machine may already use the chart's port.
+    mapfile -t argv <<<"${args//0.0.0.0:/127.0.0.1:}"
+    err=$(env -i PATH="$PATH" HOME="$OUT" KUBECONFIG="$OUT/none" timeout 20 "$OPERATOR" "${argv[@]}" 2>&1 >/dev/null) && return 1
+    grep -q "no Kubernetes configuration" <<<"$err" || { echo "$err"; return 1; }
+}
+check "chart's operator arguments are accepted by distkv-operator" operator_args_parse
+
 # --- render of every example -----------------------------------------------------------
 for example in examples/*.yaml; do
     grep -q '^kind: KvCluster' "$example" || continue
