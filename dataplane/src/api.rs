@@ -288,10 +288,10 @@ pub async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if let Some(len) = declared {
-        if len > limit as u64 {
-            return Err(too_large(Some(len)));
-        }
+    if let Some(len) = declared
+        && len > limit as u64
+    {
+        return Err(too_large(Some(len)));
     }
     axum::body::to_bytes(body, limit)
         .await
@@ -336,6 +336,11 @@ pub fn demo_key(query: Option<&str>, limits: &Limits) -> Result<Bytes, ApiError>
         .ok_or_else(|| ApiError::bad_request("missing_key", "Missing key: use ?key=NAME"))?;
     check_key(key.as_bytes(), limits)?;
     Ok(Bytes::from(key))
+}
+
+/// `/v1/kv/` with nothing after it: the key is empty, whatever the method.
+pub async fn empty_key() -> ApiError {
+    ApiError::bad_request("empty_key", "the key must not be empty")
 }
 
 /// The 404 JSON answer for unknown routes.

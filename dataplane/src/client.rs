@@ -338,17 +338,36 @@ impl AdminClient {
             .await
     }
 
-    /// `POST /internal/role` to the node at `addr`; answers with its status.
+    /// `POST /internal/role` to the node at `addr`; answers with its status. The request
+    /// carries its send time so the lease runs from then, however late it is read.
     pub async fn set_role(&self, addr: &str, req: &RoleRequest) -> Result<NodeStatus, ClientError> {
-        self.http
-            .json(
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Url(e.to_string()))?;
+        let issued = unix_ms().to_string();
+        let resp = self
+            .http
+            .call(
                 Method::POST,
                 addr,
                 "/internal/role",
-                Some(req),
+                &[
+                    ("content-type", "application/json"),
+                    (ISSUED_AT_HEADER, &issued),
+                ],
+                full(body),
                 self.timeout,
             )
-            .await
+            .await?;
+        if !resp.status.is_success() {
+            return Err(ClientError::Status {
+                addr: addr.to_string(),
+                status: resp.status,
+                body: String::from_utf8_lossy(&resp.body).into_owned(),
+            });
+        }
+        serde_json::from_slice(&resp.body).map_err(|e| ClientError::Decode {
+            addr: addr.to_string(),
+            message: e.to_string(),
+        })
     }
 
     /// `PUT /internal/topology` on a router's admin listener.
@@ -370,6 +389,17 @@ impl AdminClient {
     pub fn http(&self) -> &HttpClient {
         &self.http
     }
+}
+
+/// Header of a role request: when the control plane sent it, in Unix milliseconds.
+pub const ISSUED_AT_HEADER: &str = "x-distkv-issued-at-ms";
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// `Content-Type: application/json`.

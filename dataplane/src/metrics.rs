@@ -34,6 +34,10 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// Snapshots installed (nodes).
     pub snapshots_installed: IntCounter,
+    /// Times this replica took leadership at a new epoch (elections and failovers).
+    pub promotions: IntCounter,
+    /// Changes to the in-sync set this replica enforced as leader.
+    pub in_sync_changes: IntCounter,
     /// Topology version in use (routers).
     pub topology_version: IntGauge,
     /// Requests retried after a leader change (routers).
@@ -95,6 +99,16 @@ impl Metrics {
                 "Snapshots installed from a leader",
             )
             .unwrap(),
+            promotions: IntCounter::new(
+                "distkv_leader_promotions_total",
+                "Times this replica became leader at a new epoch",
+            )
+            .unwrap(),
+            in_sync_changes: IntCounter::new(
+                "distkv_in_sync_changes_total",
+                "Changes to the in-sync set enforced by this replica as leader",
+            )
+            .unwrap(),
             topology_version: gauge("distkv_topology_version", "Topology version in use"),
             retries: IntCounter::new(
                 "distkv_router_retries_total",
@@ -115,6 +129,8 @@ impl Metrics {
         r.register(Box::new(m.batch_size.clone())).unwrap();
         r.register(Box::new(m.commit_seconds.clone())).unwrap();
         r.register(Box::new(m.snapshots_installed.clone())).unwrap();
+        r.register(Box::new(m.promotions.clone())).unwrap();
+        r.register(Box::new(m.in_sync_changes.clone())).unwrap();
         r.register(Box::new(m.topology_version.clone())).unwrap();
         r.register(Box::new(m.retries.clone())).unwrap();
         Arc::new(m)

@@ -136,6 +136,7 @@ impl Node {
         let kv = get(v1_get).put(v1_put).delete(v1_delete);
         Router::new()
             .route("/v1/kv/{*key}", kv)
+            .route("/v1/kv/", axum::routing::any(api::empty_key))
             .route("/put", post(demo_put))
             .route("/get", get(demo_get))
             .route("/delete", get(demo_delete).delete(demo_delete))
@@ -271,7 +272,7 @@ impl Node {
         };
         let a = self.assignment.read().unwrap();
         let (commit_seq, in_sync, follower_acks) = match &a.leadership {
-            Some(l) => (l.commit(), l.in_sync(), l.follower_acks()),
+            Some(l) => (l.commit(), l.confirmed_in_sync(), l.follower_acks()),
             None => (
                 self.follower_commit.load(Ordering::Relaxed),
                 Vec::new(),
@@ -302,7 +303,11 @@ impl Node {
     }
 
     /// Applies a role assignment from the control plane.
-    async fn assign(self: &Arc<Self>, req: RoleRequest) -> Result<NodeStatus, ApiError> {
+    async fn assign(
+        self: &Arc<Self>,
+        req: RoleRequest,
+        age_ms: u64,
+    ) -> Result<NodeStatus, ApiError> {
         if req.role == Role::Leader && req.lease_ms == 0 {
             return Err(ApiError::bad_request(
                 "invalid_role",
@@ -332,12 +337,17 @@ impl Node {
             match req.role {
                 Role::Leader => {
                     a.leader = None;
-                    a.lease_until = Some(Instant::now() + Duration::from_millis(req.lease_ms));
+                    let left = req.lease_ms.saturating_sub(age_ms);
+                    if left == 0 {
+                        tracing::warn!(id = %self.cfg.id, age_ms, "role request arrived after its lease ran out");
+                    }
+                    a.lease_until = Some(Instant::now() + Duration::from_millis(left));
                     let reuse =
                         same_term && a.leadership.as_ref().is_some_and(|l| l.mode() == req.mode);
                     if !reuse {
                         a.stop_streams();
                         tracing::info!(id = %self.cfg.id, epoch = req.epoch, "leading");
+                        self.metrics.promotions.inc();
                         a.leadership = Some(Leadership::new(
                             self.cfg.id.clone(),
                             req.epoch,
@@ -347,6 +357,10 @@ impl Node {
                         ));
                     }
                     let leadership = a.leadership.clone().expect("set above");
+                    if reuse && leadership.in_sync() != req.in_sync {
+                        tracing::info!(id = %self.cfg.id, in_sync = ?req.in_sync, "in-sync set changed");
+                        self.metrics.in_sync_changes.inc();
+                    }
                     leadership.set_in_sync(req.in_sync.clone());
                     self.sync_streams(&mut a, &leadership, &req.peers);
                 }
@@ -634,10 +648,22 @@ pub fn demo_not_found() -> Response {
     axum::Json(serde_json::json!({"status": "Key not found"})).into_response()
 }
 
-async fn set_role(State(node): NodeState, body: Bytes) -> Result<axum::Json<NodeStatus>, ApiError> {
+async fn set_role(
+    State(node): NodeState,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<NodeStatus>, ApiError> {
     let req: RoleRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid role request: {e}")))?;
-    node.assign(req).await.map(axum::Json)
+    // A request that waited (in a socket buffer of a stopped process, say) must not grant
+    // a lease running past what the control plane counted on: count from its send time.
+    // Clock skew between machines is what the control plane's grace period covers.
+    let age_ms = headers
+        .get(crate::client::ISSUED_AT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0, |sent| crate::client::unix_ms().saturating_sub(sent));
+    node.assign(req, age_ms).await.map(axum::Json)
 }
 
 #[derive(Deserialize)]

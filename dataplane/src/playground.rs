@@ -164,10 +164,10 @@ async fn spawn(
         while found.len() < labels.len() {
             match lines.next_line().await {
                 Ok(Some(line)) => {
-                    if let Some((label, addr)) = line.split_once(' ') {
-                        if labels.get(found.len()) == Some(&label) {
-                            found.push(addr.trim().to_string());
-                        }
+                    if let Some((label, addr)) = line.split_once(' ')
+                        && labels.get(found.len()) == Some(&label)
+                    {
+                        found.push(addr.trim().to_string());
                     }
                 }
                 _ => return false,
@@ -490,7 +490,9 @@ pub async fn run(
         lease_ms: cfg.lease_ms,
         failover_grace_ms: cfg.failover_grace_ms,
         in_sync_timeout_ms: cfg.in_sync_timeout_ms,
-        catch_up_lag: 0,
+        // A follower this close may rejoin: writes wait for it at once, and the leader
+        // reports it in sync (eligible for promotion) only once it holds the whole log.
+        catch_up_lag: 2000,
     };
     spec.validate()?;
     std::fs::create_dir_all(cfg.data_dir.join("logs")).map_err(io(format!(

@@ -216,6 +216,9 @@ pub struct Leadership {
     epoch: u64,
     mode: AckMode,
     in_sync: Mutex<Vec<String>>,
+    /// For each in-sync member: the log end when it joined. Entries up to there were
+    /// committed without it, so it only counts as in sync once it holds them all.
+    join_floor: Mutex<HashMap<String, u64>>,
     progress: Mutex<HashMap<String, Progress>>,
     commit: watch::Sender<u64>,
     store: Store,
@@ -235,13 +238,15 @@ impl Leadership {
             self_id,
             epoch,
             mode,
-            in_sync: Mutex::new(in_sync),
+            in_sync: Mutex::new(Vec::new()),
+            join_floor: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
             commit: watch::channel(0).0,
             store,
             deposed: watch::channel(None).0,
         });
-        l.recompute();
+        // At a new epoch every member starts with the whole log still to confirm.
+        l.set_in_sync(in_sync);
         l
     }
 
@@ -256,14 +261,41 @@ impl Leadership {
     }
 
     /// Replaces the in-sync set (the control plane's decision) and recomputes the commit.
+    /// Writes wait for a new member at once; it is reported in sync only once caught up.
     pub fn set_in_sync(&self, in_sync: Vec<String>) {
+        let end = self.store.state().last.seq;
+        {
+            let mut floors = self.join_floor.lock().unwrap();
+            floors.retain(|id, _| in_sync.contains(id));
+            for id in &in_sync {
+                floors.entry(id.clone()).or_insert(end);
+            }
+        }
         *self.in_sync.lock().unwrap() = in_sync;
         self.recompute();
     }
 
-    /// The in-sync set, leader included.
+    /// The in-sync set the control plane asked for, leader included: writes wait for all.
     pub fn in_sync(&self) -> Vec<String> {
         self.in_sync.lock().unwrap().clone()
+    }
+
+    /// The members that hold every committed entry: the leader and each member that has
+    /// acknowledged the log end as of its joining. Only these may be promoted.
+    pub fn confirmed_in_sync(&self) -> Vec<String> {
+        let in_sync = self.in_sync.lock().unwrap();
+        let floors = self.join_floor.lock().unwrap();
+        let progress = self.progress.lock().unwrap();
+        in_sync
+            .iter()
+            .filter(|id| {
+                **id == self.self_id
+                    || progress
+                        .get(*id)
+                        .is_some_and(|p| p.acked >= floors.get(*id).copied().unwrap_or(0))
+            })
+            .cloned()
+            .collect()
     }
 
     /// Highest committed seq.

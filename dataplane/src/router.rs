@@ -148,6 +148,7 @@ impl Router {
                 "/v1/kv/{*key}",
                 get(forward_v1).put(forward_v1).delete(forward_v1),
             )
+            .route("/v1/kv/", axum::routing::any(api::empty_key))
             .route("/put", post(forward_demo_put))
             .route("/get", get(forward_demo_key))
             .route("/delete", get(forward_demo_key).delete(forward_demo_key))

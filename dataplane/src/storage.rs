@@ -449,10 +449,7 @@ impl Store {
         }
         let txn = self.db.begin_read()?;
         let table = txn.open_table(LOG)?;
-        Ok(table
-            .get(seq)?
-            .map(|v| entry_epoch(v.value()))
-            .transpose()?)
+        table.get(seq)?.map(|v| entry_epoch(v.value())).transpose()
     }
 
     /// Streams a consistent copy of every key into `sink`, framed by [`SnapshotCodec`],
@@ -885,7 +882,12 @@ impl Tx<'_, '_> {
 
     /// Appends one entry to the log and applies it, keeping the before-image.
     fn apply(&mut self, entry: LogEntry) -> Result<(), StoreError> {
-        debug_assert_eq!(entry.seq, self.st.last.seq + 1);
+        if entry.seq != self.st.last.seq + 1 {
+            return Err(StoreError::Io(format!(
+                "refusing a log gap: entry {} after {}",
+                entry.seq, self.st.last.seq
+            )));
+        }
         let before = self.current(entry.slot, &entry.key)?;
         match &entry.op {
             Op::Put(value) => self.put_kv(entry.slot, &entry.key, entry.position(), value)?,

@@ -1,0 +1,470 @@
+//! The public API through the router of a real playground (issue: data plane foundation).
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use dataplane::client::AdminClient;
+use hyper::Method;
+
+/// 1,000 keys with the v1 API and 100 with the demo API, through the router: put, get,
+/// overwrite, conditional put and delete, delete; the keys spread over the shards; every
+/// key is on its shard's follower too; a restart keeps every key and version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_through_the_router_survive_a_restart() {
+    let pg = Playground::start(3, 2, &[]);
+    let r = pg.router.clone();
+    let http = Http::default();
+
+    // v1: create 1,000 keys concurrently.
+    let mut tasks = Vec::new();
+    for chunk in 0..20 {
+        let (http, r) = (http.clone(), r.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in chunk * 50..(chunk + 1) * 50 {
+                let resp = http
+                    .put(&r, &format!("key-{i}"), format!("value-{i}"))
+                    .await;
+                assert_eq!(resp.status, 201, "{}", String::from_utf8_lossy(&resp.body));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for i in (0..1000).step_by(7) {
+        let resp = http.get(&r, &format!("/v1/kv/key-{i}")).await;
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.body, Bytes::from(format!("value-{i}")));
+    }
+    // Overwrite: 200, new version.
+    let before = http.get(&r, "/v1/kv/key-1").await;
+    let over = http.put(&r, "key-1", "second").await;
+    assert_eq!(over.status, 200);
+    assert_ne!(etag(&over), etag(&before));
+    assert_eq!(http.get(&r, "/v1/kv/key-1").await.body, "second");
+    // Conditional put: a stale ETag loses, the current one wins.
+    let stale = etag(&before);
+    let current = etag(&over);
+    let lost = http
+        .req(
+            Method::PUT,
+            &r,
+            "/v1/kv/key-1",
+            &[("if-match", &stale)],
+            "third",
+        )
+        .await;
+    assert_eq!(lost.status, 412);
+    assert_eq!(error_code(&lost), "precondition_failed");
+    let won = http
+        .req(
+            Method::PUT,
+            &r,
+            "/v1/kv/key-1",
+            &[("if-match", &current)],
+            "third",
+        )
+        .await;
+    assert_eq!(won.status, 200);
+    // Create-only.
+    let exists = http
+        .req(
+            Method::PUT,
+            &r,
+            "/v1/kv/key-2",
+            &[("if-none-match", "*")],
+            "x",
+        )
+        .await;
+    assert_eq!(exists.status, 412);
+    let fresh = http
+        .req(
+            Method::PUT,
+            &r,
+            "/v1/kv/brand-new",
+            &[("if-none-match", "*")],
+            "x",
+        )
+        .await;
+    assert_eq!(fresh.status, 201);
+    // Conditional delete.
+    let del_stale = http
+        .req(
+            Method::DELETE,
+            &r,
+            "/v1/kv/key-1",
+            &[("if-match", &current)],
+            "",
+        )
+        .await;
+    assert_eq!(del_stale.status, 412);
+    let now = etag(&http.get(&r, "/v1/kv/key-1").await);
+    let del = http
+        .req(
+            Method::DELETE,
+            &r,
+            "/v1/kv/key-1",
+            &[("if-match", &now)],
+            "",
+        )
+        .await;
+    assert_eq!(del.status, 204);
+    assert_eq!(http.get(&r, "/v1/kv/key-1").await.status, 404);
+    assert_eq!(http.delete(&r, "/v1/kv/key-1").await.status, 404);
+    let plain_del = http.delete(&r, "/v1/kv/brand-new").await;
+    assert_eq!(plain_del.status, 204);
+    // Restore key-1 so the count below is simple.
+    http.put(&r, "key-1", "value-1").await;
+
+    // Demo API: 100 keys.
+    for i in 0..100 {
+        let body = format!(r#"{{"key":"demo-{i}","value":"dv-{i}"}}"#);
+        let resp = http
+            .req(
+                Method::POST,
+                &r,
+                "/put",
+                &[("content-type", "application/json")],
+                body,
+            )
+            .await;
+        assert_eq!(json(&resp), serde_json::json!({"status": "Successful"}));
+    }
+    let got = http.get(&r, "/get?key=demo-7").await;
+    assert_eq!(
+        json(&got),
+        serde_json::json!({"key": "demo-7", "value": "dv-7"})
+    );
+    let overwrite = r#"{"key":"demo-7","value":"again"}"#;
+    http.req(Method::POST, &r, "/put", &[], overwrite).await;
+    assert_eq!(
+        json(&http.get(&r, "/get?key=demo-7").await)["value"],
+        "again"
+    );
+    let missing = http.get(&r, "/get?key=nope").await;
+    assert_eq!(
+        (missing.status.as_u16(), json(&missing)),
+        (200, serde_json::json!({"status": "Key not found"}))
+    );
+    let deleted = http.get(&r, "/delete?key=demo-99").await;
+    assert_eq!(
+        json(&deleted),
+        serde_json::json!({"status": "Delete successful"})
+    );
+    let deleted = http.delete(&r, "/delete?key=demo-98").await;
+    assert_eq!(
+        json(&deleted),
+        serde_json::json!({"status": "Delete successful"})
+    );
+    let again = http.delete(&r, "/delete?key=demo-98").await;
+    assert_eq!(
+        (again.status.as_u16(), json(&again)),
+        (200, serde_json::json!({"status": "Key not found"}))
+    );
+    assert_eq!(
+        json(&http.get(&r, "/get?key=demo-99").await)["status"],
+        "Key not found"
+    );
+    // Demo and v1 share one keyspace.
+    assert_eq!(http.get(&r, "/v1/kv/demo-5").await.body, "dv-5");
+
+    // Spread over shards: each leader holds 20%..47% of the v1 keys.
+    let cluster = json(&http.get(&r, "/v1/cluster").await);
+    let shards = cluster["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 3);
+    let total = 1000 + 98;
+    for s in shards {
+        let leader = s["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["role"] == "leader")
+            .unwrap();
+        let share = leader["keys"].as_u64().unwrap() as f64 / total as f64;
+        assert!(
+            (0.20..=0.47).contains(&share),
+            "shard {} holds {:.1}% of the keys",
+            s["id"],
+            share * 100.0
+        );
+    }
+
+    // Every key is on its follower too, read directly with consistency=stale.
+    let info = pg.info();
+    let admin = AdminClient::new(Duration::from_secs(5));
+    let mut owner: HashMap<u32, Vec<String>> = HashMap::new();
+    for n in &info.nodes {
+        owner.entry(n.shard).or_default().push(n.address.clone());
+    }
+    let mut versions = HashMap::new();
+    for i in 0..1000 {
+        let key = format!("key-{i}");
+        let via_router = http.get(&r, &format!("/v1/kv/{key}")).await;
+        assert_eq!(via_router.status, 200, "{key}");
+        versions.insert(key.clone(), (etag(&via_router), via_router.body.clone()));
+    }
+    for n in &info.nodes {
+        let st = admin.status(&n.address).await.unwrap();
+        if st.role != dataplane::topology::Role::Follower {
+            continue;
+        }
+        // Followers apply asynchronously after the ack in the committed order; wait for level.
+        let leader = owner[&n.shard]
+            .iter()
+            .find(|a| **a != n.address)
+            .unwrap()
+            .clone();
+        eventually("follower to catch up", Duration::from_secs(10), || async {
+            let l = admin.status(&leader).await.ok()?;
+            let f = admin.status(&n.address).await.ok()?;
+            (l.last_seq == f.last_seq).then_some(())
+        })
+        .await;
+        let slot_owner = cluster["shards"][n.shard as usize]["slot_ranges"].clone();
+        let ranges: Vec<(u16, u16)> = serde_json::from_value(slot_owner).unwrap();
+        for (key, (tag, value)) in &versions {
+            let slot = dataplane::slots::slot_for(key.as_bytes());
+            if !ranges.iter().any(|&(a, b)| a <= slot && slot <= b) {
+                continue;
+            }
+            let resp = http
+                .get(&n.address, &format!("/v1/kv/{key}?consistency=stale"))
+                .await;
+            assert_eq!(resp.status, 200, "{key} missing on follower {}", n.id);
+            assert_eq!(
+                (&etag(&resp), &resp.body),
+                (tag, value),
+                "{key} differs on follower {}",
+                n.id
+            );
+        }
+    }
+
+    // Stop, start on the same data dir: every key, same version.
+    let dir = pg.dir.clone();
+    let tmp = pg.stop();
+    let pg = Playground::start_in(&dir, 3, 2, &[]);
+    let r = pg.router.clone();
+    for (key, (tag, value)) in &versions {
+        let resp = http.get(&r, &format!("/v1/kv/{key}")).await;
+        assert_eq!(resp.status, 200, "{key} lost in restart");
+        assert_eq!(
+            (&etag(&resp), &resp.body),
+            (tag, value),
+            "{key} changed in restart"
+        );
+    }
+    assert_eq!(
+        json(&http.get(&r, "/get?key=demo-7").await)["value"],
+        "again"
+    );
+    drop(pg);
+    drop(tmp);
+}
+
+/// Every bad input gets its status and error body, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let pg = Playground::start(
+        1,
+        1,
+        &[
+            "--node-arg=--max-value-bytes=1000",
+            "--node-arg=--max-key-bytes=64",
+        ],
+    );
+    let r = pg.router.clone();
+    let node = pg.info().nodes[0].address.clone();
+    let http = Http::default();
+    assert_eq!(http.put(&r, "k", "original").await.status, 201);
+    let version = etag(&http.get(&r, "/v1/kv/k").await);
+
+    // Router limits are the defaults (1 KiB keys, 1 MiB values); the node's are smaller.
+    let cases: Vec<(&str, Method, String, Vec<(&str, &str)>, Bytes, u16, &str)> = vec![
+        (
+            "value over 1 MiB at the router",
+            Method::PUT,
+            "/v1/kv/k".into(),
+            vec![],
+            Bytes::from(vec![b'x'; (1 << 20) + 1]),
+            413,
+            "value_too_large",
+        ),
+        (
+            "key over 1 KiB at the router",
+            Method::PUT,
+            format!("/v1/kv/{}", "k".repeat(1025)),
+            vec![],
+            Bytes::from("v"),
+            413,
+            "key_too_large",
+        ),
+        (
+            "empty key",
+            Method::PUT,
+            "/v1/kv/".into(),
+            vec![],
+            Bytes::from("v"),
+            400,
+            "empty_key",
+        ),
+        (
+            "bad If-Match",
+            Method::PUT,
+            "/v1/kv/k".into(),
+            vec![("if-match", "garbage")],
+            Bytes::from("v"),
+            400,
+            "invalid_precondition",
+        ),
+        (
+            "unknown route",
+            Method::GET,
+            "/v2/nothing".into(),
+            vec![],
+            Bytes::new(),
+            404,
+            "unknown_route",
+        ),
+        (
+            "wrong method",
+            Method::POST,
+            "/v1/kv/k".into(),
+            vec![],
+            Bytes::from("v"),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "wrong method on demo",
+            Method::PUT,
+            "/put".into(),
+            vec![],
+            Bytes::from("v"),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "internal routes are not routed",
+            Method::GET,
+            "/internal/status".into(),
+            vec![],
+            Bytes::new(),
+            404,
+            "unknown_route",
+        ),
+        (
+            "internal role not routed",
+            Method::POST,
+            "/internal/role".into(),
+            vec![],
+            Bytes::from("{}"),
+            404,
+            "unknown_route",
+        ),
+    ];
+    for (what, method, path, headers, body, status, code) in cases {
+        let resp = http.req(method, &r, &path, &headers, body).await;
+        assert_eq!(
+            resp.status.as_u16(),
+            status,
+            "{what}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        assert_eq!(error_code(&resp), code, "{what}");
+    }
+    // Node-side limits, straight at the node.
+    let big = http
+        .req(Method::PUT, &node, "/v1/kv/k", &[], vec![b'x'; 1001])
+        .await;
+    assert_eq!(
+        (big.status.as_u16(), error_code(&big)),
+        (413, "value_too_large".to_string())
+    );
+    let long = http
+        .req(
+            Method::PUT,
+            &node,
+            &format!("/v1/kv/{}", "k".repeat(65)),
+            &[],
+            "v",
+        )
+        .await;
+    assert_eq!(
+        (long.status.as_u16(), error_code(&long)),
+        (413, "key_too_large".to_string())
+    );
+    // Demo API: bad JSON and missing fields are 400 in the demo's own shape.
+    for body in [
+        "{",
+        r#"{"key":"k"}"#,
+        r#"{"value":"v"}"#,
+        r#"{"key":"k","value":7}"#,
+        r#"{"key":"","value":"v"}"#,
+    ] {
+        let resp = http.req(Method::POST, &r, "/put", &[], body).await;
+        assert_eq!(resp.status, 400, "{body}");
+        assert!(json(&resp)["status"].is_string(), "{body}");
+    }
+    let no_key = http.get(&r, "/get").await;
+    assert_eq!(no_key.status, 400);
+    // Nothing changed.
+    let after = http.get(&r, "/v1/kv/k").await;
+    assert_eq!(
+        (after.body.clone(), etag(&after)),
+        (Bytes::from("original"), version)
+    );
+    assert_eq!(json(&http.get(&r, "/get?key=k").await)["value"], "original");
+    let st = AdminClient::new(Duration::from_secs(5))
+        .status(&node)
+        .await
+        .unwrap();
+    assert_eq!(
+        (st.keys, st.last_seq),
+        (1, 1),
+        "a rejected request wrote to the log"
+    );
+}
+
+/// Health, readiness, metrics and the OpenAPI document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operational_endpoints() {
+    let pg = Playground::start(1, 2, &[]);
+    let r = pg.router.clone();
+    let http = Http::default();
+    http.put(&r, "m", "v").await;
+    assert_eq!(http.get(&r, "/healthz").await.status, 200);
+    assert_eq!(http.get(&r, "/readyz").await.status, 200);
+    let metrics = String::from_utf8(http.get(&r, "/metrics").await.body.to_vec()).unwrap();
+    assert!(
+        metrics.contains("distkv_http_requests_total{route=\"/v1/kv/{*key}\",status=\"201\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("distkv_http_request_duration_seconds_bucket"));
+    let node = pg.info().nodes[0].address.clone();
+    let node_metrics = String::from_utf8(http.get(&node, "/metrics").await.body.to_vec()).unwrap();
+    for m in [
+        "distkv_keys",
+        "distkv_applied_seq",
+        "distkv_group_commit_requests_bucket",
+    ] {
+        assert!(node_metrics.contains(m), "node metrics lack {m}");
+    }
+    let doc = json(&http.get(&r, "/openapi.json").await);
+    for path in [
+        "/v1/kv/{key}",
+        "/put",
+        "/get",
+        "/delete",
+        "/v1/cluster",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
+        assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
+    }
+}
