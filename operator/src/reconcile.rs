@@ -168,7 +168,6 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
         .uid
         .clone()
         .unwrap_or_else(|| format!("{namespace}/{name}"));
-    let now_ms = (ctx.clock)();
     let mut cspec = cluster_spec(&kvc, &ctx.tuning);
 
     // Validate. A refused spec applies nothing; a running cluster keeps being driven with
@@ -179,11 +178,15 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
     }
 
     // The control state: in memory, else from the status, else fresh (only for a valid spec).
+    let mut restored = false;
     let mut state = ctx.memory(&key, |m| m.state.clone()).or_else(|| {
-        kvc.status
+        let loaded = kvc
+            .status
             .as_ref()
             .and_then(|s| s.control.as_ref())
-            .and_then(|v| status::restore_control(v, now_ms))
+            .and_then(status::load_control);
+        restored = loaded.is_some();
+        loaded
     });
     if state.is_none() && invalid.is_none() {
         state = Some(control::initial_state(&cspec));
@@ -228,8 +231,16 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
 
     // Decide and act.
     let mut events = Vec::new();
-    if let Some(current) = state.take() {
+    if let Some(mut current) = state.take() {
         let observations = observe::observations(&nodes, &statuses);
+        // Read the clock only now, right before the roles go out: the control core counts
+        // a lease from this instant, and the leader's lease starts when the role arrives,
+        // so an earlier reading would let a failover start before the lease has run out.
+        let now_ms = (ctx.clock)();
+        if restored {
+            // Loaded from the status (new process or new leader): rebase onto our clock.
+            current.resume(now_ms);
+        }
         let decision = control::decide(&cspec, &current, &observations, now_ms);
         events = decision.events;
         execute(&ctx, &namespace, &nodes, &decision.actions).await;

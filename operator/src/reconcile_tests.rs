@@ -52,6 +52,24 @@ impl Harness {
         }
     }
 
+    /// A new operator process (a restart, or another replica winning the Lease): same
+    /// API server and replicas, nothing in memory.
+    fn restart_operator(&mut self) {
+        let c = self.clock.clone();
+        let ctx = Context::new(
+            self.api.client(),
+            Arc::new(self.nodes.clone()),
+            Arc::new(self.nodes.clone()),
+            Reporter {
+                controller: "distkv-operator".into(),
+                instance: Some("second".into()),
+            },
+            Metrics::new(),
+        )
+        .with_clock(Arc::new(move || c.load(Ordering::SeqCst)));
+        self.ctx = Arc::new(ctx);
+    }
+
     /// Pods for every replica (all ready) and two ready routers; replicas answer.
     fn start_pods(&self) {
         let mut pods = Vec::new();
@@ -372,4 +390,28 @@ async fn scale_down_removes_followers_but_never_a_leader() {
         .collect();
     assert_eq!(shard1, ["s1-r0"]);
     assert_eq!(h.status().shards[1].in_sync, ["s1-r0"]);
+}
+
+#[tokio::test]
+async fn a_new_operator_carries_on_from_the_status() {
+    let mut h = Harness::new("  shards: 1\n  replicasPerShard: 3\n  replication: {minInSync: 2}\n");
+    h.start_pods();
+    h.round(0).await;
+    h.round(1000).await;
+    let before = h.status().shards[0].clone();
+    assert_eq!(before.epoch, 1);
+
+    h.restart_operator();
+    h.api.clear_requests();
+    h.round(1000).await;
+    h.round(1000).await;
+    let after = &h.status().shards[0];
+    assert_eq!(after.leader, before.leader, "no new election");
+    assert_eq!(after.epoch, 1, "no new epoch");
+    assert_eq!(after.in_sync, before.in_sync);
+    assert!(
+        !h.api.events().iter().any(|(r, _)| r.starts_with("Leader")),
+        "{:?}",
+        h.api.events()
+    );
 }

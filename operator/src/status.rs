@@ -274,11 +274,10 @@ pub fn persisted_control(state: &ControlState) -> serde_json::Value {
     serde_json::to_value(state).expect("the control state always serializes")
 }
 
-/// Reads a persisted control state back, rebased onto this process's clock.
-pub fn restore_control(value: &serde_json::Value, now_ms: u64) -> Option<ControlState> {
-    let mut state: ControlState = serde_json::from_value(value.clone()).ok()?;
-    state.resume(now_ms);
-    Some(state)
+/// Reads a persisted control state back; the caller must `resume` it onto its own clock
+/// before deciding with it.
+pub fn load_control(value: &serde_json::Value) -> Option<ControlState> {
+    serde_json::from_value(value.clone()).ok()
 }
 
 #[cfg(test)]
@@ -407,11 +406,12 @@ mod tests {
         state.shards[0].lease_granted_ms = 12345;
         let value = persisted_control(&state);
         assert_eq!(value["shards"][0]["leaseGrantedMs"], 0);
-        let back = restore_control(&value, 999).unwrap();
+        let mut back = load_control(&value).unwrap();
+        assert_eq!(back.topology, state.topology);
+        back.resume(999);
         assert_eq!(
             back.shards[0].lease_granted_ms, 999,
             "resume treats the lease as granted now"
         );
-        assert_eq!(back.topology, state.topology);
     }
 }
