@@ -6,7 +6,8 @@
 #   - `distkv-operator render` of every example validated against the Kubernetes schemas
 #   - every KvCluster (examples, chart sample) validated against the CRD's own schema
 # Tools are installed from registries into a cache (idempotent); no cluster is needed.
-# Env: DISTKV_OPERATOR (path of a built distkv-operator; built here when unset),
+# Env: DISTKV_OPERATOR, DISTKV (paths of built distkv-operator and distkv binaries; found
+#      in the target dir or built here when unset),
 #      DISTKV_CI_CACHE (tool cache, default ~/.cache/distkv-ci), K8S_VERSION (default 1.35.0).
 set -euo pipefail
 
@@ -55,6 +56,16 @@ if [[ ! -x $VENV/bin/kubernetes-validate || ! -x $VENV/bin/hadolint ]]; then
 fi
 KV=("$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION")
 
+DISTKV=${DISTKV:-}
+if [[ -z $DISTKV ]]; then
+    for candidate in "${CARGO_TARGET_DIR:-$ROOT/target}"/{release,debug}/distkv; do
+        [[ -x $candidate ]] && { DISTKV=$candidate; break; }
+    done
+fi
+if [[ -z $DISTKV ]]; then
+    nice -n 15 cargo build --quiet -p dataplane --bin distkv
+    DISTKV=${CARGO_TARGET_DIR:-$ROOT/target}/debug/distkv
+fi
 OPERATOR=${DISTKV_OPERATOR:-}
 if [[ -z $OPERATOR ]]; then
     nice -n 15 cargo build --quiet -p operator --bin distkv-operator
@@ -151,6 +162,28 @@ for example in examples/*.yaml; do
     fi
 done
 
+# --- the pods' command lines ---------------------------------------------------------
+# Every node and router container's arguments, as rendered, must parse with the real
+# distkv binary (clap stops at the trailing --help only once everything before it parsed).
+pod_args_parse() {
+    "$VENV/bin/python" - "$1" <<'PY' >"$OUT/argv.txt"
+import sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d and d.get("kind") in ("StatefulSet", "Deployment"):
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        print("\t".join(c["args"]))
+PY
+    local n=0
+    while IFS=$'\t' read -r -a argv; do
+        "$DISTKV" "${argv[@]}" --help >/dev/null || { echo "distkv ${argv[*]}: rejected"; return 1; }
+        n=$((n + 1))
+    done <"$OUT/argv.txt"
+    [[ $n -gt 0 ]]
+}
+for rendered in "$OUT"/render-*.yaml; do
+    check "distkv accepts the pod arguments in $(basename "$rendered")" pod_args_parse "$rendered"
+done
+
 # --- the checkers can fail -------------------------------------------------------------
 # A validator that accepts anything would make every line above meaningless.
 refuses() { ! "$@"; }
@@ -160,6 +193,8 @@ check "kubernetes-validate rejects an unknown field" refuses validate_k8s "$OUT/
 printf 'apiVersion: distkv.io/v1alpha1\nkind: KvCluster\nmetadata: {name: x}\nspec: {shards: 0, replicasPerShard: 1}\n' >"$OUT/bad-shards.yaml"
 check "CRD schema rejects shards: 0" refuses validate_kvclusters "$OUT/bad-shards.yaml"
 printf 'apiVersion: distkv.io/v1alpha1\nkind: KvCluster\nmetadata: {name: x}\nspec: {shards: 1, replicasPerShard: 1, replication: {minInSync: 2}}\n' >"$OUT/bad-insync.yaml"
+sed 's/- --data-dir/- --no-such-flag/' "$OUT/render-kvcluster.yaml" >"$OUT/bad-args.yaml"
+check "distkv rejects an unknown node flag" refuses pod_args_parse "$OUT/bad-args.yaml"
 check "render refuses minInSync > replicasPerShard" refuses render_stdin "$OUT/bad-insync.yaml"
 
 echo "manifests took $(( $(date +%s) - started ))s"

@@ -21,7 +21,7 @@ pub struct NodePod {
     pub ordinal: u32,
     /// Pod name.
     pub pod: String,
-    /// Stable `host:port` the node advertises (DNS name through the shard's headless Service).
+    /// Stable `host:port` of the node: its DNS name through the shard's headless Service.
     pub address: String,
     /// Whether the pod passes its readiness probe.
     pub ready: bool,

@@ -187,6 +187,20 @@ fn non_empty(map: BTreeMap<String, String>) -> Option<BTreeMap<String, String>> 
     (!map.is_empty()).then_some(map)
 }
 
+/// `--max-key-bytes` / `--max-value-bytes` for nodes and routers, from `spec.limits`.
+pub fn limit_args(spec: &KvClusterSpec) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(limits) = &spec.limits {
+        if let Some(max) = limits.max_key_bytes {
+            args.extend(["--max-key-bytes".to_string(), max.to_string()]);
+        }
+        if let Some(max) = limits.max_value_bytes {
+            args.extend(["--max-value-bytes".to_string(), max.to_string()]);
+        }
+    }
+    args
+}
+
 /// Label selector matching exactly `labels`.
 pub fn selector(labels: &BTreeMap<String, String>) -> LabelSelector {
     LabelSelector {

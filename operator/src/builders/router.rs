@@ -27,13 +27,19 @@ pub fn router_deployment(cluster: &ClusterRef<'_>) -> Deployment {
         image: Some(spec.image.clone()),
         image_pull_policy: cluster.pull_policy(),
         command: Some(vec!["distkv".into()]),
-        args: Some(vec![
-            "router".into(),
-            "--listen".into(),
-            format!("0.0.0.0:{ROUTER_PORT}"),
-            "--admin-listen".into(),
-            format!("0.0.0.0:{ROUTER_ADMIN_PORT}"),
-        ]),
+        // Routers enforce the size limits too, so oversized requests stop at the edge.
+        args: Some(
+            [
+                "router".to_string(),
+                "--listen".to_string(),
+                format!("0.0.0.0:{ROUTER_PORT}"),
+                "--admin-listen".to_string(),
+                format!("0.0.0.0:{ROUTER_ADMIN_PORT}"),
+            ]
+            .into_iter()
+            .chain(super::limit_args(spec))
+            .collect(),
+        ),
         env: Some(vec![EnvVar {
             name: "RUST_LOG".into(),
             value: Some("info".into()),
@@ -156,6 +162,15 @@ mod tests {
                 .as_deref(),
             Some("/readyz")
         );
+    }
+
+    #[test]
+    fn routers_enforce_the_size_limits() {
+        let kvc = cluster("  shards: 1\n  replicasPerShard: 1\n  limits: {maxValueBytes: 4096}\n");
+        let c = ClusterRef::new(&kvc, "default").unwrap();
+        let pod = router_deployment(&c).spec.unwrap().template.spec.unwrap();
+        let args = pod.containers[0].args.as_ref().unwrap().join(" ");
+        assert!(args.ends_with("--max-value-bytes 4096"), "{args}");
     }
 
     #[test]

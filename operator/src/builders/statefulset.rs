@@ -25,14 +25,17 @@ const DATA_DIR: &str = "/data";
 
 /// The StatefulSet of shard `shard` with `replicas` pods.
 ///
-/// Pods start in parallel: the operator, not pod order, decides who leads. Each pod
-/// advertises its stable DNS name through the shard's headless Service, so a replica keeps
-/// its address across restarts and rescheduling.
+/// Pods start in parallel: the operator, not pod order, decides who leads. Each pod has a
+/// stable DNS name through the shard's headless Service, which the operator puts in the
+/// topology, so a replica keeps its address across restarts and rescheduling.
 pub fn shard_statefulset(cluster: &ClusterRef<'_>, shard: u32, replicas: i32) -> StatefulSet {
     let name = cluster.shard_name(shard);
     let selector_labels = cluster.shard_selector_labels(shard);
     let spec = cluster.spec;
 
+    // The node derives its replica id from --shard and the ordinal at the end of
+    // $POD_NAME; peers and routers learn its address from the operator, which uses the
+    // stable DNS name through the headless Service.
     let mut args = vec![
         "node".to_string(),
         "--shard".to_string(),
@@ -41,18 +44,8 @@ pub fn shard_statefulset(cluster: &ClusterRef<'_>, shard: u32, replicas: i32) ->
         format!("0.0.0.0:{NODE_PORT}"),
         "--data-dir".to_string(),
         DATA_DIR.to_string(),
-        "--advertise".to_string(),
-        // Kubernetes expands $(POD_NAME) from the env below.
-        format!("$(POD_NAME).{name}.{}.svc:{NODE_PORT}", cluster.namespace),
     ];
-    if let Some(limits) = &spec.limits {
-        if let Some(max) = limits.max_key_bytes {
-            args.extend(["--max-key-bytes".to_string(), max.to_string()]);
-        }
-        if let Some(max) = limits.max_value_bytes {
-            args.extend(["--max-value-bytes".to_string(), max.to_string()]);
-        }
-    }
+    args.extend(super::limit_args(spec));
 
     let container = Container {
         name: "node".into(),
@@ -228,13 +221,9 @@ mod tests {
         let c = &pod_spec(&sts).containers[0];
         assert_eq!(c.command.as_deref(), Some(&["distkv".to_string()][..]));
         let args = c.args.as_ref().unwrap().join(" ");
-        assert!(
-            args.starts_with("node --shard 2 --listen 0.0.0.0:7000 --data-dir /data"),
-            "{args}"
-        );
-        assert!(
-            args.contains("--advertise $(POD_NAME).demo-s2.kv.svc:7000"),
-            "{args}"
+        assert_eq!(
+            args,
+            "node --shard 2 --listen 0.0.0.0:7000 --data-dir /data"
         );
         let env: Vec<_> = c
             .env
