@@ -77,6 +77,8 @@ struct Memory {
     state: Option<ControlState>,
     /// Hash of the objects last applied and when.
     applied: Option<(u64, Instant)>,
+    /// Pods last listed, used while the API server cannot be reached.
+    pods: Option<Vec<Pod>>,
     /// Consecutive failed rounds, for the error backoff.
     failures: u32,
 }
@@ -207,6 +209,8 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
         cspec.min_in_sync = cspec.min_in_sync.clamp(1, cspec.replicas_per_shard);
     }
 
+    let mut api_error: Option<Error> = None;
+
     // Build and apply (valid spec only).
     let mut sizes: Vec<u32> = Vec::new();
     if let (None, Some(state)) = (&invalid, state.as_mut()) {
@@ -216,16 +220,32 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
         }
         let cluster = ClusterRef::new(&kvc, &namespace)?;
         let objects = builders::build_all(&cluster, |shard| sizes[shard as usize] as i32);
-        apply_objects(&ctx, &key, &namespace, &objects).await?;
+        // An API failure must not stop lease renewals: remember it, drive the replicas
+        // anyway, and report it at the end of the round.
+        if let Err(e) = apply_objects(&ctx, &key, &namespace, &objects).await {
+            api_error.get_or_insert(e);
+        }
     }
 
-    // Observe pods and replicas.
-    let pods: Vec<Pod> = Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
+    // Observe pods and replicas; with the API server unreachable, the last pods seen.
+    let listed = Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
         .list(&ListParams::default().labels(&format!(
             "app.kubernetes.io/name=distkv,app.kubernetes.io/instance={name}"
         )))
-        .await?
-        .items;
+        .await;
+    let pods: Vec<Pod> = match listed {
+        Ok(list) => {
+            ctx.memory(&key, |m| m.pods = Some(list.items.clone()));
+            list.items
+        }
+        Err(e) => match ctx.memory(&key, |m| m.pods.clone()) {
+            Some(pods) => {
+                api_error.get_or_insert(e.into());
+                pods
+            }
+            None => return Err(e.into()),
+        },
+    };
     let nodes = observe::node_pods(&name, &namespace, &pods);
     let statuses = fetch_statuses(ctx.observer.as_ref(), &nodes).await;
 
@@ -285,8 +305,10 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
         .shards_serving
         .with_label_values(&[namespace.as_str(), name.as_str()])
         .set(serving as i64);
-    if kvc.status.as_ref() != Some(&new_status) {
-        patch_status(&ctx, &namespace, &name, &new_status).await?;
+    if kvc.status.as_ref() != Some(&new_status)
+        && let Err(e) = patch_status(&ctx, &namespace, &name, &new_status).await
+    {
+        api_error.get_or_insert(e);
     }
     if let Some(invalid) = &invalid
         && kvc.status.as_ref().and_then(degraded_reason) != Some(invalid.reason)
@@ -302,6 +324,9 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
         .await;
     }
 
+    if let Some(e) = api_error {
+        return Err(e);
+    }
     ctx.memory(&key, |m| m.failures = 0);
     let outcome = if invalid.is_some() { "invalid" } else { "ok" };
     ctx.metrics.reconciles.with_label_values(&[outcome]).inc();
@@ -320,8 +345,9 @@ fn degraded_reason(status: &crate::crd::KvClusterStatus) -> Option<&str> {
         .map(|c| c.reason.as_str())
 }
 
-/// After a failed round: retry sooner than a healthy requeue would wait at first, then
-/// back off exponentially to a minute, so a broken API server is not hammered.
+/// After a failed round: retry with exponential backoff, but never later than the next
+/// lease renewal is due; a round that failed on the API server still renewed the leases,
+/// and the next must too, or every leader would stop serving.
 pub fn error_policy(kvc: Arc<KvCluster>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = kvc.metadata.uid.clone().unwrap_or_else(|| kvc.name_any());
     let failures = ctx.memory(&key, |m| {
@@ -332,7 +358,7 @@ pub fn error_policy(kvc: Arc<KvCluster>, error: &Error, ctx: Arc<Context>) -> Ac
     });
     ctx.metrics.reconciles.with_label_values(&["error"]).inc();
     warn!(cluster = %kvc.name_any(), failures, "reconcile failed: {error}");
-    Action::requeue(backoff(failures))
+    Action::requeue(backoff(failures).min(requeue_after(kvc.spec.replication.lease_ms)))
 }
 
 /// Delay after `failures` consecutive failures: 500 ms doubling to 60 s.

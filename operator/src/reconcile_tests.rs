@@ -415,3 +415,43 @@ async fn a_new_operator_carries_on_from_the_status() {
         h.api.events()
     );
 }
+
+#[tokio::test]
+async fn api_server_failures_do_not_stop_lease_renewals() {
+    let mut h = Harness::new("  shards: 1\n  replicasPerShard: 3\n");
+    h.start_pods();
+    h.round(0).await;
+    h.round(1000).await;
+    assert_eq!(h.status().leaders.as_deref(), Some("1/1"));
+
+    // Applies, pod lists and status writes all fail from now on.
+    h.api.fail_paths("/namespaces/kv/");
+    h.kvc.metadata.generation = Some(2);
+    h.kvc.spec.router.replicas = 3; // forces a re-apply, which fails
+    let roles_before = h.nodes.roles().len();
+    h.api.put(KVC_PATH, serde_json::to_value(&h.kvc).unwrap());
+    let result = reconcile(Arc::new(h.kvc.clone()), h.ctx.clone()).await;
+    assert!(result.is_err(), "the failure is reported");
+    let renewed: Vec<_> = h.nodes.roles()[roles_before..].to_vec();
+    assert!(
+        renewed
+            .iter()
+            .any(|(_, r)| r.role == dataplane::topology::Role::Leader),
+        "the leader still got its lease: {renewed:?}"
+    );
+    let error = result.unwrap_err();
+    let kvc = Arc::new(h.kvc.clone());
+    let mut last = None;
+    for _ in 0..12 {
+        last = Some(crate::reconcile::error_policy(
+            kvc.clone(),
+            &error,
+            h.ctx.clone(),
+        ));
+    }
+    assert_eq!(
+        last.unwrap(),
+        kube::runtime::controller::Action::requeue(crate::reconcile::requeue_after(5000)),
+        "after many failures, still retried no later than the next renewal"
+    );
+}

@@ -33,6 +33,7 @@ struct ApiState {
     pods: Vec<Pod>,
     requests: Vec<Recorded>,
     next_rv: u64,
+    failing: Vec<String>,
 }
 
 /// An in-memory API server understanding what the operator does: server-side apply
@@ -65,6 +66,15 @@ impl FakeApi {
             .unwrap()
             .objects
             .insert(path.to_string(), object);
+    }
+
+    /// Answers 500 to every request whose path contains `fragment`.
+    pub fn fail_paths(&self, fragment: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .failing
+            .push(fragment.to_string());
     }
 
     /// Every request so far.
@@ -109,6 +119,12 @@ impl FakeApi {
             query,
             body: body.clone(),
         });
+        if st.failing.iter().any(|f| path.contains(f.as_str())) {
+            return reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "InternalError", "code": 500, "message": "injected failure"}),
+            );
+        }
         st.next_rv += 1;
         let rv = st.next_rv.to_string();
         match parts.method {
