@@ -223,6 +223,7 @@ pub struct Leadership {
     commit: watch::Sender<u64>,
     store: Store,
     deposed: watch::Sender<Option<u64>>,
+    started: Instant,
 }
 
 impl Leadership {
@@ -244,6 +245,7 @@ impl Leadership {
             commit: watch::channel(0).0,
             store,
             deposed: watch::channel(None).0,
+            started: Instant::now(),
         });
         // At a new epoch every member starts with the whole log still to confirm.
         l.set_in_sync(in_sync);
@@ -358,6 +360,16 @@ impl Leadership {
         });
     }
 
+    /// Lists a follower before it first answers: acknowledged nothing, silent since this
+    /// leadership began (so the control plane can time it out like any other).
+    fn register(&self, follower: &str) {
+        self.progress
+            .lock()
+            .unwrap()
+            .entry(follower.to_string())
+            .or_insert(Progress { acked: 0, last_contact: self.started });
+    }
+
     fn record_ack(&self, follower: &str, acked: u64) {
         self.progress.lock().unwrap().insert(
             follower.to_string(),
@@ -388,6 +400,7 @@ pub async fn stream_to_follower(
     cfg: StreamConfig,
 ) {
     let store = leadership.store.clone();
+    leadership.register(&peer.id);
     let mut changes = store.subscribe();
     // Optimistic start: assume the follower is level; a mismatch walks back.
     let mut next = store.state().last.seq + 1;
