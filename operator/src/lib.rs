@@ -1,14 +1,21 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! distkv-operator: the Kubernetes adapter of distkv's control core.
+//!
+//! `crd` defines the `KvCluster` resource, `builders` turn it into Kubernetes objects,
+//! `render` prints them, and `reconcile` applies them and drives failover.
+
+pub mod builders;
+pub mod crd;
+pub mod leader;
+pub mod metrics;
+pub mod nodes;
+pub mod observe;
+pub mod reconcile;
+pub mod render;
+pub mod scale;
+pub mod status;
+pub mod validate;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+mod reconcile_tests;
+#[cfg(test)]
+mod testing;

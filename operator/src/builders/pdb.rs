@@ -1,0 +1,45 @@
+//! One PodDisruptionBudget per shard.
+
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{ClusterRef, selector};
+
+/// Lets voluntary disruptions (drains, upgrades) take at most one replica of a shard at a
+/// time, so a shard never loses its leader and a follower together. A one-replica shard
+/// can still be drained: blocking node maintenance forever would be worse than the
+/// short outage its owner chose.
+pub fn shard_pdb(cluster: &ClusterRef<'_>, shard: u32) -> PodDisruptionBudget {
+    let selector_labels = cluster.shard_selector_labels(shard);
+    PodDisruptionBudget {
+        metadata: cluster.metadata(cluster.shard_name(shard), &selector_labels),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(selector(&selector_labels)),
+            // Evicting a pod that is not running anyway never hurts availability.
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builders::test_support::cluster;
+
+    #[test]
+    fn allows_one_replica_of_the_shard_down() {
+        let kvc = cluster("  shards: 2\n  replicasPerShard: 3\n");
+        let c = ClusterRef::new(&kvc, "default").unwrap();
+        let pdb = shard_pdb(&c, 1);
+        assert_eq!(pdb.metadata.name.as_deref(), Some("demo-s1"));
+        let spec = pdb.spec.unwrap();
+        assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+        assert!(spec.min_available.is_none());
+        let labels = spec.selector.unwrap().match_labels.unwrap();
+        assert_eq!(labels["distkv.io/shard"], "1");
+        assert_eq!(labels["app.kubernetes.io/instance"], "demo");
+    }
+}
