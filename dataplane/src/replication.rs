@@ -367,7 +367,10 @@ impl Leadership {
             .lock()
             .unwrap()
             .entry(follower.to_string())
-            .or_insert(Progress { acked: 0, last_contact: self.started });
+            .or_insert(Progress {
+                acked: 0,
+                last_contact: self.started,
+            });
     }
 
     fn record_ack(&self, follower: &str, acked: u64) {

@@ -266,6 +266,17 @@ async fn keys_through_the_router_survive_a_restart() {
     drop(tmp);
 }
 
+/// (what, method, path, headers, body, expected status, expected error code)
+type BadCase = (
+    &'static str,
+    Method,
+    String,
+    Vec<(&'static str, &'static str)>,
+    Bytes,
+    u16,
+    &'static str,
+);
+
 /// Every bad input gets its status and error body, and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_changes_nothing() {
@@ -284,7 +295,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let version = etag(&http.get(&r, "/v1/kv/k").await);
 
     // Router limits are the defaults (1 KiB keys, 1 MiB values); the node's are smaller.
-    let cases: Vec<(&str, Method, String, Vec<(&str, &str)>, Bytes, u16, &str)> = vec![
+    let cases: Vec<BadCase> = vec![
         (
             "value over 1 MiB at the router",
             Method::PUT,

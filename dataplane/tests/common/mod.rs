@@ -181,11 +181,9 @@ impl Playground {
             let mut sent = false;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if !sent {
-                    if let Some(url) = line.strip_prefix("router: http://") {
-                        let _ = tx.send(url.to_string());
-                        sent = true;
-                    }
+                if !sent && let Some(url) = line.strip_prefix("router: http://") {
+                    let _ = tx.send(url.to_string());
+                    sent = true;
                 }
             }
         });
