@@ -256,18 +256,23 @@ impl HttpClient {
                 timeout,
             )
             .await?;
-        if !resp.status.is_success() {
-            return Err(ClientError::Status {
-                addr: addr.to_string(),
-                status: resp.status,
-                body: String::from_utf8_lossy(&resp.body).into_owned(),
-            });
-        }
-        serde_json::from_slice(&resp.body).map_err(|e| ClientError::Decode {
-            addr: addr.to_string(),
-            message: e.to_string(),
-        })
+        decode_json(addr, &resp)
     }
+}
+
+/// Decodes a JSON answer; an error status is an error.
+fn decode_json<T: DeserializeOwned>(addr: &str, resp: &Response) -> Result<T, ClientError> {
+    if !resp.status.is_success() {
+        return Err(ClientError::Status {
+            addr: addr.to_string(),
+            status: resp.status,
+            body: String::from_utf8_lossy(&resp.body).into_owned(),
+        });
+    }
+    serde_json::from_slice(&resp.body).map_err(|e| ClientError::Decode {
+        addr: addr.to_string(),
+        message: e.to_string(),
+    })
 }
 
 /// A stream of body frames fed by a task, without pulling in a stream-macro crate.
@@ -357,17 +362,7 @@ impl AdminClient {
                 self.timeout,
             )
             .await?;
-        if !resp.status.is_success() {
-            return Err(ClientError::Status {
-                addr: addr.to_string(),
-                status: resp.status,
-                body: String::from_utf8_lossy(&resp.body).into_owned(),
-            });
-        }
-        serde_json::from_slice(&resp.body).map_err(|e| ClientError::Decode {
-            addr: addr.to_string(),
-            message: e.to_string(),
-        })
+        decode_json(addr, &resp)
     }
 
     /// `PUT /internal/topology` on a router's admin listener.

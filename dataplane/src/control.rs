@@ -1114,21 +1114,7 @@ mod tests {
     struct Node(NodeStatus);
 
     fn node(id: &str) -> Node {
-        Node(NodeStatus {
-            id: id.into(),
-            role: Role::Unassigned,
-            epoch: 0,
-            last_epoch: 0,
-            last_seq: 0,
-            commit_seq: 0,
-            in_sync: vec![],
-            lease_remaining_ms: 0,
-            keys: 0,
-            digest: String::new(),
-            log_start_seq: 0,
-            snapshots_installed: 0,
-            follower_acks: vec![],
-        })
+        Node(NodeStatus::unassigned(id))
     }
 
     impl Node {

@@ -178,6 +178,17 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
     resp
 }
 
+/// Finishes a public app: `/metrics`, JSON 404/405 answers, and request metrics on every route.
+pub fn instrument(app: axum::Router, metrics: &Arc<Metrics>) -> axum::Router {
+    app.route(
+        "/metrics",
+        axum::routing::get(serve).with_state(metrics.clone()),
+    )
+    .fallback(crate::api::unknown_route)
+    .method_not_allowed_fallback(crate::api::wrong_method)
+    .layer(axum::middleware::from_fn_with_state(metrics.clone(), track))
+}
+
 /// `GET /metrics`.
 pub async fn serve(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     (

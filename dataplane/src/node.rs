@@ -134,7 +134,7 @@ impl Node {
     /// The HTTP app of this node.
     pub fn app(self: &Arc<Self>) -> Router {
         let kv = get(v1_get).put(v1_put).delete(v1_delete);
-        Router::new()
+        let app = Router::new()
             .route("/v1/kv/{*key}", kv)
             .route("/v1/kv/", axum::routing::any(api::empty_key))
             .route("/put", post(demo_put))
@@ -147,17 +147,8 @@ impl Node {
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/openapi.json", get(crate::openapi::serve))
-            .with_state(self.clone())
-            .route(
-                "/metrics",
-                get(metrics::serve).with_state(self.metrics.clone()),
-            )
-            .fallback(api::unknown_route)
-            .method_not_allowed_fallback(api::wrong_method)
-            .layer(axum::middleware::from_fn_with_state(
-                self.metrics.clone(),
-                metrics::track,
-            ))
+            .with_state(self.clone());
+        metrics::instrument(app, &self.metrics)
     }
 
     /// Checks that this replica leads its shard right now and may serve `slot`.

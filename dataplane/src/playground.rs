@@ -45,6 +45,15 @@ pub struct PlaygroundConfig {
     pub exe: PathBuf,
 }
 
+impl PlaygroundConfig {
+    /// Runtime threads per child: the machine's cores shared by every child, at least one.
+    fn child_threads(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let children = (self.shards * self.replicas + 1) as usize;
+        (cores / children).max(1)
+    }
+}
+
 /// Why the playground could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum PlaygroundError {
@@ -131,6 +140,7 @@ async fn spawn(
     args: &[String],
     log: &Path,
     labels: &[&str],
+    threads: usize,
 ) -> Result<(Child, Vec<String>), PlaygroundError> {
     let name = log
         .file_stem()
@@ -148,6 +158,9 @@ async fn spawn(
         .stdout(Stdio::piped())
         .stderr(log_file)
         .kill_on_drop(true);
+    if std::env::var_os("DISTKV_WORKER_THREADS").is_none() {
+        cmd.env("DISTKV_WORKER_THREADS", threads.to_string());
+    }
     // SAFETY: prctl is async-signal-safe; it makes the child die with the supervisor, so
     // a kill -9 of the playground leaves no orphans holding ports and data directories.
     unsafe {
@@ -243,8 +256,14 @@ impl Supervisor {
 
     async fn start_member(&self, id: &str) -> Result<Proc, PlaygroundError> {
         let log = self.cfg.data_dir.join("logs").join(format!("{id}.log"));
-        let (child, addrs) =
-            spawn(&self.cfg.exe, &self.node_args(id), &log, &["listening"]).await?;
+        let (child, addrs) = spawn(
+            &self.cfg.exe,
+            &self.node_args(id),
+            &log,
+            &["listening"],
+            self.cfg.child_threads(),
+        )
+        .await?;
         Ok(Proc {
             pid: child.id().unwrap_or(0),
             child,
@@ -512,7 +531,14 @@ pub async fn run(
         topology_file.display().to_string(),
     ];
     let log = cfg.data_dir.join("logs").join("router.log");
-    let (child, addrs) = spawn(&cfg.exe, &router_args, &log, &["listening", "admin"]).await?;
+    let (child, addrs) = spawn(
+        &cfg.exe,
+        &router_args,
+        &log,
+        &["listening", "admin"],
+        cfg.child_threads(),
+    )
+    .await?;
     let router = Proc {
         pid: child.id().unwrap_or(0),
         child,

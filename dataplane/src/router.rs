@@ -143,7 +143,7 @@ impl Router {
 
     /// The public app: the client API, forwarded; never `/internal/*`.
     pub fn app(self: &Arc<Self>) -> App {
-        App::new()
+        let app = App::new()
             .route(
                 "/v1/kv/{*key}",
                 get(forward_v1).put(forward_v1).delete(forward_v1),
@@ -156,17 +156,8 @@ impl Router {
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/openapi.json", get(crate::openapi::serve))
-            .with_state(self.clone())
-            .route(
-                "/metrics",
-                get(metrics::serve).with_state(self.metrics.clone()),
-            )
-            .fallback(api::unknown_route)
-            .method_not_allowed_fallback(api::wrong_method)
-            .layer(axum::middleware::from_fn_with_state(
-                self.metrics.clone(),
-                metrics::track,
-            ))
+            .with_state(self.clone());
+        metrics::instrument(app, &self.metrics)
     }
 
     /// The admin app, on a separate listener: topology pushes from the control plane.

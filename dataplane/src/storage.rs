@@ -783,26 +783,14 @@ impl Writer {
                         replies.push(Reply::Append(reply, r));
                     }
                     Command::RaiseEpoch { epoch, reply } => {
-                        let r = if epoch < tx.st.epoch {
-                            Err(StoreError::StaleEpoch {
-                                request: epoch,
-                                current: tx.st.epoch,
-                            })
-                        } else {
-                            tx.st.epoch = epoch;
-                            Ok(epoch)
-                        };
+                        let r = tx.raise_epoch(epoch).map(|()| epoch);
                         replies.push(Reply::Epoch(reply, r));
                     }
                     Command::Trim { upto } => tx.trim(upto)?,
                     Command::SnapshotBegin { epoch, reply } => {
-                        let r = if epoch < tx.st.epoch {
-                            Err(StoreError::StaleEpoch {
-                                request: epoch,
-                                current: tx.st.epoch,
-                            })
+                        let r = if let Err(e) = tx.raise_epoch(epoch) {
+                            Err(e)
                         } else {
-                            tx.st.epoch = epoch;
                             meta.insert(META_SNAPSHOT_PARTIAL, [1u8].as_slice())?;
                             tx.kv.retain(|_, _| false)?;
                             tx.log.retain(|_, _| false)?;
@@ -843,6 +831,18 @@ struct Tx<'a, 't> {
 }
 
 impl Tx<'_, '_> {
+    /// Refuses an epoch below the highest seen; otherwise makes it the highest seen.
+    fn raise_epoch(&mut self, epoch: u64) -> Result<(), StoreError> {
+        if epoch < self.st.epoch {
+            return Err(StoreError::StaleEpoch {
+                request: epoch,
+                current: self.st.epoch,
+            });
+        }
+        self.st.epoch = epoch;
+        Ok(())
+    }
+
     fn current(&self, slot: Slot, key: &[u8]) -> Result<Option<(Position, Bytes)>, StoreError> {
         Ok(self.kv.get((slot, key))?.map(|v| {
             let (pos, value) = decode_value(v.value());
@@ -960,13 +960,7 @@ impl Tx<'_, '_> {
         entries: Vec<LogEntry>,
         leader_last: u64,
     ) -> Result<AppendOutcome, StoreError> {
-        if epoch < self.st.epoch {
-            return Err(StoreError::StaleEpoch {
-                request: epoch,
-                current: self.st.epoch,
-            });
-        }
-        self.st.epoch = epoch;
+        self.raise_epoch(epoch)?;
         let positions: Vec<Position> = entries.iter().map(LogEntry::position).collect();
         let plan =
             crate::replication::plan_append(&TxLog(self), epoch, prev, &positions, leader_last)?;

@@ -91,6 +91,27 @@ pub struct NodeStatus {
     pub follower_acks: Vec<FollowerAck>,
 }
 
+impl NodeStatus {
+    /// The status of a replica that has just started: no role, no data.
+    pub fn unassigned(id: impl Into<String>) -> Self {
+        NodeStatus {
+            id: id.into(),
+            role: Role::Unassigned,
+            epoch: 0,
+            last_epoch: 0,
+            last_seq: 0,
+            commit_seq: 0,
+            in_sync: vec![],
+            lease_remaining_ms: 0,
+            keys: 0,
+            digest: String::new(),
+            log_start_seq: 0,
+            snapshots_installed: 0,
+            follower_acks: vec![],
+        }
+    }
+}
+
 /// A follower's replication progress as its leader sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FollowerAck {

@@ -231,19 +231,12 @@ mod tests {
             &[node(0, 0, true, "Running"), node(0, 1, true, "Running")],
         );
         let status = |id: &str| NodeStatus {
-            id: id.into(),
             role: dataplane::topology::Role::Follower,
             epoch: 1,
             last_epoch: 1,
             last_seq: 5,
             commit_seq: 5,
-            in_sync: vec![],
-            lease_remaining_ms: 0,
-            keys: 0,
-            digest: String::new(),
-            log_start_seq: 0,
-            snapshots_installed: 0,
-            follower_acks: vec![],
+            ..NodeStatus::unassigned(id)
         };
         let statuses = HashMap::from([
             ("s0-r0".to_string(), status("s0-r0")),

@@ -228,21 +228,7 @@ struct FakeNodesState {
 impl FakeNodes {
     /// Adds a fresh, unassigned replica listening at `address`.
     pub fn add(&self, address: &str, id: &str) {
-        let status = NodeStatus {
-            id: id.to_string(),
-            role: Role::Unassigned,
-            epoch: 0,
-            last_epoch: 0,
-            last_seq: 0,
-            commit_seq: 0,
-            in_sync: vec![],
-            lease_remaining_ms: 0,
-            keys: 0,
-            digest: String::new(),
-            log_start_seq: 0,
-            snapshots_installed: 0,
-            follower_acks: vec![],
-        };
+        let status = NodeStatus::unassigned(id);
         self.inner
             .lock()
             .unwrap()
