@@ -13,4 +13,5 @@ pub mod router;
 pub mod slots;
 pub mod storage;
 pub mod topology;
+pub mod wal;
 pub mod wire;

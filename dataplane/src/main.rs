@@ -220,7 +220,9 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     let node = Node::open(cfg)
         .with_context(|| format!("cannot open data directory {}", args.data_dir.display()))?;
     let listener = bind(args.listen, "listening").await?;
-    dataplane::node::serve(node, listener, shutdown_signal()).await?;
+    dataplane::node::serve(node.clone(), listener, shutdown_signal()).await?;
+    // A clean stop leaves nothing in the write-ahead log to replay.
+    node.store().checkpoint().await?;
     tracing::info!("node stopped");
     Ok(())
 }

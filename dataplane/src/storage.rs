@@ -21,6 +21,7 @@ use tokio::sync::{oneshot, watch};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::slots::Slot;
+use crate::wal::{Wal, WalBatch, WalRecord};
 
 const KV: TableDefinition<(u16, &[u8]), &[u8]> = TableDefinition::new("kv");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -33,6 +34,12 @@ const META_SNAPSHOT_PARTIAL: &str = "snapshot_partial";
 
 /// Most requests the writer folds into one transaction; bounds the latency of one commit.
 const MAX_BATCH: usize = 4096;
+
+/// How often redb is made durable (a checkpoint), after which the write-ahead log restarts;
+/// bounds replay time after a crash.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// Checkpoint early when the write-ahead log grows past this many bytes.
+const CHECKPOINT_WAL_BYTES: u64 = 64 << 20;
 
 /// A place in the replicated log, and the version of every value: the `(epoch, seq)` of
 /// the log entry that wrote it. Ordered by epoch, then sequence.
@@ -209,6 +216,8 @@ pub struct LogState {
     /// XOR of a 128-bit hash of every (slot, key, version, value): equal on two replicas
     /// exactly when their data is (up to hash collisions), and kept up to date in O(1).
     pub digest: u128,
+    /// Number of the last write-ahead-log batch this state includes.
+    pub wal_batch: u64,
 }
 
 impl LogState {
@@ -266,6 +275,22 @@ enum Command {
         at: Position,
         reply: oneshot::Sender<Result<LogState, StoreError>>,
     },
+    Checkpoint {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+impl Command {
+    /// Commands whose effects are not in the write-ahead log: their batch commits durably.
+    fn needs_checkpoint(&self) -> bool {
+        matches!(
+            self,
+            Command::SnapshotBegin { .. }
+                | Command::SnapshotChunk { .. }
+                | Command::SnapshotEnd { .. }
+                | Command::Checkpoint { .. }
+        )
+    }
 }
 
 /// Observer hooks the writer calls after each commit (metrics).
@@ -293,7 +318,15 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
         let path = dir.join("distkv.redb");
         let db = Arc::new(Database::create(&path)?);
-        let state = recover(&db)?;
+        let (state, wiped) = recover(&db)?;
+        let io = |e: std::io::Error| StoreError::Io(format!("write-ahead log: {e}"));
+        let (mut wal, batches) = Wal::open(&dir.join("wal")).map_err(io)?;
+        let state = if wiped {
+            state
+        } else {
+            replay(&db, state, batches)?
+        };
+        wal.reset().map_err(io)?;
         let (state_tx, state_rx) = watch::channel(state);
         let (tx, rx) = std_mpsc::channel();
         let writer = Writer {
@@ -301,6 +334,8 @@ impl Store {
             state,
             published: state_tx,
             observer,
+            wal,
+            checkpointed: Instant::now(),
         };
         std::thread::Builder::new()
             .name("distkv-writer".into())
@@ -383,6 +418,11 @@ impl Store {
     pub async fn raise_epoch(&self, epoch: u64) -> Result<u64, StoreError> {
         self.call(|reply| Command::RaiseEpoch { epoch, reply })
             .await
+    }
+
+    /// Makes everything durable in redb and empties the write-ahead log (clean shutdown).
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        self.call(|reply| Command::Checkpoint { reply }).await
     }
 
     /// Drops log entries up to and including `upto` (never past the end of the log).
@@ -632,9 +672,10 @@ fn read_state(
     }
 }
 
-/// Loads the state at open; wipes a half-installed snapshot.
-fn recover(db: &Database) -> Result<LogState, StoreError> {
+/// Loads the state at open; wipes a half-installed snapshot (and says so).
+fn recover(db: &Database) -> Result<(LogState, bool), StoreError> {
     let txn = db.begin_write()?;
+    let mut wiped = false;
     let state = {
         let mut meta = txn.open_table(META)?;
         let mut state = read_state(&meta)?;
@@ -648,13 +689,54 @@ fn recover(db: &Database) -> Result<LogState, StoreError> {
             };
             meta.remove(META_SNAPSHOT_PARTIAL)?;
             meta.insert(META_STATE, state.encode().as_slice())?;
+            wiped = true;
         }
         txn.open_table(KV)?;
         txn.open_table(LOG)?;
         state
     };
     txn.commit()?;
-    Ok(state)
+    Ok((state, wiped))
+}
+
+/// Redoes the write-ahead-log batches the last checkpoint does not hold, then checkpoints.
+fn replay(db: &Database, mut st: LogState, batches: Vec<WalBatch>) -> Result<LogState, StoreError> {
+    let pending: Vec<WalBatch> = batches
+        .into_iter()
+        .filter(|b| b.number > st.wal_batch)
+        .collect();
+    if pending.is_empty() {
+        return Ok(st);
+    }
+    tracing::info!(batches = pending.len(), from = ?st.last, "replaying the write-ahead log");
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    {
+        let mut kv = txn.open_table(KV)?;
+        let mut log = txn.open_table(LOG)?;
+        let mut meta = txn.open_table(META)?;
+        let mut tx = Tx {
+            kv: &mut kv,
+            log: &mut log,
+            st: &mut st,
+            wal: Vec::new(),
+        };
+        for batch in pending {
+            for record in batch.records {
+                match record {
+                    WalRecord::Epoch(e) => tx.st.epoch = tx.st.epoch.max(e),
+                    WalRecord::Apply(entry) => tx.apply(entry)?,
+                    WalRecord::TruncateAfter(seq) => tx.truncate_after(seq)?,
+                    WalRecord::Trim(seq) => tx.trim(seq)?,
+                }
+            }
+            tx.st.wal_batch = batch.number;
+        }
+        meta.insert(META_STATE, tx.st.encode().as_slice())?;
+    }
+    txn.commit()?;
+    tracing::info!(last = ?st.last, "write-ahead log replayed");
+    Ok(st)
 }
 
 struct Writer {
@@ -662,6 +744,8 @@ struct Writer {
     state: LogState,
     published: watch::Sender<LogState>,
     observer: Arc<dyn CommitObserver>,
+    wal: Wal,
+    checkpointed: Instant,
 }
 
 /// A reply owed once the transaction commits (or fails).
@@ -738,18 +822,39 @@ impl Writer {
                 }
             }
         }
+        // Every handle is gone: leave nothing to replay.
+        let mut st = self.state;
+        if let Err(e) = self.execute(
+            vec![Command::Checkpoint {
+                reply: oneshot::channel().0,
+            }],
+            &mut st,
+            &mut Vec::new(),
+        ) {
+            tracing::warn!(error = %e, "final checkpoint failed; the log will be replayed");
+        }
     }
 
     /// Runs a batch in one transaction. Replies are collected, not sent, so nobody hears
     /// "done" before the fsync.
     fn execute(
-        &self,
+        &mut self,
         batch: Vec<Command>,
         st: &mut LogState,
         replies: &mut Vec<Reply>,
     ) -> Result<(), StoreError> {
+        let checkpoint = batch.iter().any(Command::needs_checkpoint)
+            || self.checkpointed.elapsed() >= CHECKPOINT_EVERY
+            || self.wal.len() >= CHECKPOINT_WAL_BYTES;
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
+        // Between checkpoints redb commits without fsync: the write-ahead log append below
+        // is what makes the batch durable.
+        txn.set_durability(if checkpoint {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
+        let records;
         {
             let mut kv = txn.open_table(KV)?;
             let mut log = txn.open_table(LOG)?;
@@ -758,6 +863,7 @@ impl Writer {
                 kv: &mut kv,
                 log: &mut log,
                 st,
+                wal: Vec::new(),
             };
             for cmd in batch {
                 match cmd {
@@ -814,11 +920,33 @@ impl Writer {
                         tx.st.base = at;
                         replies.push(Reply::State(reply));
                     }
+                    Command::Checkpoint { reply } => replies.push(Reply::Unit(reply, Ok(()))),
                 }
+            }
+            records = std::mem::take(&mut tx.wal);
+            if !records.is_empty() {
+                tx.st.wal_batch += 1;
             }
             meta.insert(META_STATE, tx.st.encode().as_slice())?;
         }
         txn.commit()?;
+        let logged = if checkpoint {
+            self.checkpointed = Instant::now();
+            self.wal.reset()
+        } else if records.is_empty() {
+            Ok(())
+        } else {
+            self.wal.append(&WalBatch {
+                number: st.wal_batch,
+                records,
+            })
+        };
+        if let Err(e) = logged {
+            // redb now holds changes the log may not: carrying on could acknowledge a
+            // write that a crash loses. Stop; a restart replays what did reach the disk.
+            tracing::error!(error = %e, path = %self.wal.path().display(), "write-ahead log failed; stopping");
+            std::process::abort();
+        }
         Ok(())
     }
 }
@@ -828,6 +956,8 @@ struct Tx<'a, 't> {
     kv: &'a mut redb::Table<'t, (u16, &'static [u8]), &'static [u8]>,
     log: &'a mut redb::Table<'t, u64, &'static [u8]>,
     st: &'a mut LogState,
+    /// What this transaction did, for the write-ahead log.
+    wal: Vec<WalRecord>,
 }
 
 impl Tx<'_, '_> {
@@ -839,7 +969,10 @@ impl Tx<'_, '_> {
                 current: self.st.epoch,
             });
         }
-        self.st.epoch = epoch;
+        if epoch > self.st.epoch {
+            self.st.epoch = epoch;
+            self.wal.push(WalRecord::Epoch(epoch));
+        }
         Ok(())
     }
 
@@ -894,6 +1027,7 @@ impl Tx<'_, '_> {
             Op::Delete => self.remove_kv(entry.slot, &entry.key)?,
         }
         self.st.last = entry.position();
+        self.wal.push(WalRecord::Apply(entry.clone()));
         let seq = entry.seq;
         let stored = postcard::to_stdvec(&StoredEntry { entry, before })
             .map_err(|e| StoreError::Io(e.to_string()))?;
@@ -1014,6 +1148,7 @@ impl Tx<'_, '_> {
         }
         let epoch = self.epoch_at(after)?.unwrap_or(0);
         self.st.last = Position::new(epoch, after);
+        self.wal.push(WalRecord::TruncateAfter(after));
         Ok(())
     }
 
@@ -1026,6 +1161,7 @@ impl Tx<'_, '_> {
         let from = self.st.base.seq + 1;
         self.log.retain_in(from..=upto, |_, _| false)?;
         self.st.base = Position::new(epoch, upto);
+        self.wal.push(WalRecord::Trim(upto));
         Ok(())
     }
 }
