@@ -184,6 +184,23 @@ for rendered in "$OUT"/render-*.yaml; do
     check "distkv accepts the pod arguments in $(basename "$rendered")" pod_args_parse "$rendered"
 done
 
+# --- the load-test Job ------------------------------------------------------------------
+check "loadtest/job.yaml against the Kubernetes schemas" validate_k8s loadtest/job.yaml
+if [[ -n ${LOADTEST:-} && -x ${LOADTEST:-} ]]; then
+    job_args_parse() { # the Job's arguments are accepted by the real distkv-loadtest
+        "$VENV/bin/python" - "$1" >"$OUT/job-argv.txt" <<'PY'
+import sys, yaml
+job = yaml.safe_load(open(sys.argv[1]))
+c = job["spec"]["template"]["spec"]["containers"][0]
+print("\t".join(c.get("args", [])))
+PY
+        local -a argv
+        IFS=$'\t' read -r -a argv <"$OUT/job-argv.txt"
+        "$LOADTEST" "${argv[@]}" --help >/dev/null
+    }
+    check "distkv-loadtest accepts the Job's arguments" job_args_parse loadtest/job.yaml
+fi
+
 # --- the checkers can fail -------------------------------------------------------------
 # A validator that accepts anything would make every line above meaningless.
 refuses() { ! "$@"; }
