@@ -33,6 +33,12 @@ enum Command {
     Router(RouterArgs),
     /// Run a whole cluster on this machine: router, nodes and failover supervisor.
     Playground(PlaygroundArgs),
+    /// Print where a stopped replica's disk space goes (tables, log, write-ahead log).
+    Inspect {
+        /// The replica's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -70,7 +76,7 @@ struct NodeArgs {
     #[arg(long)]
     data_dir: PathBuf,
     /// Log entries kept for followers that come back; further behind means a snapshot.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 10_000)]
     log_retain: u64,
     /// How long a sync write waits for the in-sync replicas before answering 503.
     #[arg(long, default_value_t = 5000)]
@@ -162,6 +168,16 @@ fn main() -> Result<()> {
             Command::Node(a) => run_node(a).await,
             Command::Router(a) => run_router(a).await,
             Command::Playground(a) => run_playground(a).await,
+            Command::Inspect { data_dir } => {
+                let report = dataplane::storage::inspect(&data_dir).with_context(|| {
+                    format!(
+                        "cannot read {} (is its node still running?)",
+                        data_dir.display()
+                    )
+                })?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(())
+            }
         }
     })
 }

@@ -54,7 +54,7 @@ impl NodeConfig {
             data_dir: data_dir.into(),
             limits: Limits::default(),
             stream: StreamConfig::default(),
-            log_retain: 100_000,
+            log_retain: 10_000,
             replication_timeout: Duration::from_secs(5),
         }
     }

@@ -37,7 +37,7 @@ const MAX_BATCH: usize = 4096;
 
 /// How often redb is made durable (a checkpoint), after which the write-ahead log restarts;
 /// bounds replay time after a crash.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// Checkpoint early when the write-ahead log grows past this many bytes.
 const CHECKPOINT_WAL_BYTES: u64 = 64 << 20;
 
@@ -1196,9 +1196,61 @@ impl crate::replication::LogIndex for Store {
     }
 }
 
-/// Size of the database file on disk.
-pub fn file_size(store: &Store) -> u64 {
-    std::fs::metadata(store.path())
-        .map(|m| m.len())
-        .unwrap_or(0)
+/// Where a replica's disk space goes (`distkv inspect`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SpaceReport {
+    /// Log state as of the last durable checkpoint.
+    pub state: LogState,
+    /// Size of `distkv.redb`.
+    pub db_file_bytes: u64,
+    /// Size of the write-ahead log.
+    pub wal_bytes: u64,
+    /// Rows and page use of each table.
+    pub tables: Vec<TableSpace>,
+}
+
+/// Page use of one table.
+#[derive(Debug, Clone, Serialize)]
+pub struct TableSpace {
+    /// Table name.
+    pub name: &'static str,
+    /// Rows.
+    pub rows: u64,
+    /// Bytes of keys and values stored in leaves.
+    pub stored_bytes: u64,
+    /// Bytes of B-tree bookkeeping.
+    pub metadata_bytes: u64,
+    /// Bytes of pages left unused by page splits.
+    pub fragmented_bytes: u64,
+    /// Leaf and branch pages.
+    pub pages: u64,
+}
+
+/// Reports the space use of a stopped replica's data directory.
+pub fn inspect(dir: &Path) -> Result<SpaceReport, StoreError> {
+    use redb::ReadableTableMetadata;
+    let path = dir.join("distkv.redb");
+    let db = Database::open(&path)?;
+    let txn = db.begin_read()?;
+    let state = read_state(&txn.open_table(META)?)?;
+    let kv = txn.open_table(KV)?;
+    let log = txn.open_table(LOG)?;
+    let space = |name, rows, st: redb::TableStats| TableSpace {
+        name,
+        rows,
+        stored_bytes: st.stored_bytes(),
+        metadata_bytes: st.metadata_bytes(),
+        fragmented_bytes: st.fragmented_bytes(),
+        pages: st.leaf_pages() + st.branch_pages(),
+    };
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    Ok(SpaceReport {
+        state,
+        db_file_bytes: size(&path),
+        wal_bytes: size(&dir.join("wal")),
+        tables: vec![
+            space("kv", kv.len()?, kv.stats()?),
+            space("log", log.len()?, log.stats()?),
+        ],
+    })
 }
