@@ -57,20 +57,29 @@ key_len=12 # key-%08d
 raw=$((keys * (key_len + value_size)))
 echo
 echo "$keys keys x ($key_len-byte key + $value_size-byte value) = $((raw / 1024 / 1024)) MiB raw, loaded in ${load_secs}s ($((keys / (load_secs > 0 ? load_secs : 1))) keys/s, $concurrency connections)"
-printf '| %-10s | %7s | %12s | %10s | %13s | %12s |\n' process pid "RSS MiB idle" "RSS MiB" "peak RSS MiB" "data dir MiB"
-printf '|%s|%s|%s|%s|%s|%s|\n' ------------ --------- -------------- ------------ --------------- --------------
+# "on disk" counts allocated blocks; "apparent" is the files' length (redb preallocates
+# its file, and the unwritten part takes no disk space).
+printf '| %-10s | %7s | %12s | %10s | %13s | %16s | %13s |\n' process pid "RSS MiB idle" "RSS MiB" "peak RSS MiB" "data on disk MiB" "apparent MiB"
+printf '|%s|%s|%s|%s|%s|%s|%s|\n' ------------ --------- -------------- ------------ --------------- ------------------ ---------------
 total_rss=0
 total_disk=0
+total_apparent=0
 while read -r role pid dir; do
   rss=$(kib "$pid" VmRSS)
   hwm=$(kib "$pid" VmHWM)
   disk=0
-  [[ $dir != - ]] && disk=$(du -sb "$dir" | cut -f1)
+  apparent=0
+  if [[ $dir != - ]]; then
+    disk=$(du -s --block-size=1 "$dir" | cut -f1)
+    apparent=$(du -sb "$dir" | cut -f1)
+  fi
   total_rss=$((total_rss + rss))
   total_disk=$((total_disk + disk))
-  printf '| %-10s | %7s | %12.1f | %10.1f | %13.1f | %12.1f |\n' "$role" "$pid" \
-    "$(div "${before[$role]:-0}" 1024)" "$(div "$rss" 1024)" "$(div "$hwm" 1024)" "$(div "$disk" 1048576)"
+  total_apparent=$((total_apparent + apparent))
+  printf '| %-10s | %7s | %12.1f | %10.1f | %13.1f | %16.1f | %13.1f |\n' "$role" "$pid" \
+    "$(div "${before[$role]:-0}" 1024)" "$(div "$rss" 1024)" "$(div "$hwm" 1024)" "$(div "$disk" 1048576)" "$(div "$apparent" 1048576)"
 done < <(processes)
-printf 'total RSS %.1f MiB; total data %.1f MiB = %.2fx the raw data x %d replicas (%.0f MiB)\n' \
+printf 'total RSS %.1f MiB; data on disk %.1f MiB = %.2fx the raw data x %d replicas (%.0f MiB); apparent %.1f MiB (%.2fx)\n' \
   "$(div "$total_rss" 1024)" "$(div "$total_disk" 1048576)" \
-  "$(div "$total_disk" $((raw * replicas)))" "$replicas" "$(div $((raw * replicas)) 1048576)"
+  "$(div "$total_disk" $((raw * replicas)))" "$replicas" "$(div $((raw * replicas)) 1048576)" \
+  "$(div "$total_apparent" 1048576)" "$(div "$total_apparent" $((raw * replicas)))"

@@ -191,14 +191,33 @@ async fn spawn(
     let announced = tokio::time::timeout(Duration::from_secs(30), announce).await;
     if announced != Ok(true) {
         let _ = child.start_kill();
+        let _ = child.wait().await;
+        let why = last_error(log).unwrap_or_default();
         return Err(PlaygroundError::Start(
             name,
-            format!("see {}", log.display()),
+            format!("{why}(log: {})", log.display()),
         ));
     }
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok((child, found))
+}
+
+/// The child's own error report (`Error: …` and its causes) from the end of its log.
+fn last_error(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let start = text.rfind("Error: ")?;
+    let report: Vec<&str> = text[start..]
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && *l != "Caused by:")
+        .take_while(|l| !l.starts_with("Stack backtrace") && !l.starts_with("0:"))
+        .take(4)
+        .collect();
+    Some(format!(
+        "{}; ",
+        report.join(": ").trim_start_matches("Error: ")
+    ))
 }
 
 /// Holds an exclusive lock on the data directory for the playground's lifetime.
@@ -318,7 +337,7 @@ impl Supervisor {
         }
         let decision = control::decide(&self.spec, &self.state, &observations, self.now_ms());
         for e in &decision.events {
-            tracing::info!(event = %e, "control");
+            tracing::debug!(event = %e, "control");
             println!("{e}");
         }
         let changed = decision.state != self.state;

@@ -479,3 +479,52 @@ async fn operational_endpoints() {
         assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
     }
 }
+
+/// Runs `distkv playground ARGS` expecting it to refuse to start; returns its stderr.
+fn refused_start(args: &[&str]) -> String {
+    let out = std::process::Command::new(exe())
+        .arg("playground")
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "playground {args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A taken port, a data directory in use, and a data directory of another shape are
+/// refused with a message that says so, and the existing cluster is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn playground_refuses_bad_starts_clearly() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let fresh = tmp.path().join("fresh");
+    let err = refused_start(&["--port", &port, "--data-dir", fresh.to_str().unwrap()]);
+    assert!(err.contains("Address already in use"), "{err}");
+
+    let pg = Playground::start(1, 2, &[]);
+    let dir = pg.dir.to_str().unwrap().to_string();
+    let err = refused_start(&["--port", "0", "--shards", "1", "--data-dir", &dir]);
+    assert!(err.contains("already running"), "{err}");
+    let http = Http::default();
+    assert_eq!(http.put(&pg.router, "still", "here").await.status, 201);
+
+    let tmp2 = pg.stop().unwrap();
+    let err = refused_start(&["--port", "0", "--shards", "3", "--data-dir", &dir]);
+    assert!(err.contains("1 shards x 2 replicas"), "{err}");
+    let err = refused_start(&[
+        "--port",
+        "0",
+        "--shards",
+        "1",
+        "--replicas",
+        "2",
+        "--min-in-sync",
+        "3",
+        "--data-dir",
+        &dir,
+    ]);
+    assert!(err.contains("minInSync"), "{err}");
+    drop(tmp2);
+}
