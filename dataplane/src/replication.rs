@@ -647,15 +647,23 @@ mod tests {
         Position::new(e, s)
     }
 
+    fn append(truncate_after: Option<u64>, skip: usize) -> Result<AppendPlan, ()> {
+        Ok(AppendPlan::Append {
+            truncate_after,
+            skip,
+        })
+    }
+
+    fn mismatch(conflict: Option<Position>) -> Result<AppendPlan, ()> {
+        Ok(AppendPlan::Mismatch { conflict })
+    }
+
     #[test]
     fn empty_log_accepts_from_the_start() {
         let l = log((0, 0), &[]);
         assert_eq!(
             plan_append(&l, 1, p(0, 0), &entries(1, &[1, 1]), 2),
-            Ok(AppendPlan::Append {
-                truncate_after: None,
-                skip: 0
-            })
+            append(None, 0)
         );
     }
 
@@ -664,7 +672,7 @@ mod tests {
         let l = log((0, 0), &[]);
         assert_eq!(
             plan_append(&l, 1, p(1, 5), &entries(6, &[1]), 6),
-            Ok(AppendPlan::Mismatch { conflict: None })
+            mismatch(None)
         );
     }
 
@@ -673,7 +681,7 @@ mod tests {
         let l = log((0, 0), &[1, 1, 1]);
         assert_eq!(
             plan_append(&l, 1, p(1, 7), &entries(8, &[1]), 8),
-            Ok(AppendPlan::Mismatch { conflict: None })
+            mismatch(None)
         );
     }
 
@@ -682,10 +690,7 @@ mod tests {
         let l = log((0, 0), &[1, 1, 2]);
         assert_eq!(
             plan_append(&l, 2, p(2, 3), &entries(4, &[2, 2]), 5),
-            Ok(AppendPlan::Append {
-                truncate_after: None,
-                skip: 0
-            })
+            append(None, 0)
         );
     }
 
@@ -695,10 +700,7 @@ mod tests {
         let l = log((0, 0), &[1, 1, 1, 1, 1]);
         assert_eq!(
             plan_append(&l, 1, p(1, 1), &entries(2, &[1, 1]), 9),
-            Ok(AppendPlan::Append {
-                truncate_after: None,
-                skip: 2
-            })
+            append(None, 2)
         );
     }
 
@@ -706,22 +708,10 @@ mod tests {
     fn a_longer_suffix_from_older_epochs_is_cut_at_the_leader_end() {
         // The deposed leader wrote 4..6 at epoch 1; the new leader (epoch 2) ends at 3.
         let l = log((0, 0), &[1, 1, 1, 1, 1, 1]);
-        assert_eq!(
-            plan_append(&l, 2, p(1, 3), &[], 3),
-            Ok(AppendPlan::Append {
-                truncate_after: Some(3),
-                skip: 0
-            })
-        );
+        assert_eq!(plan_append(&l, 2, p(1, 3), &[], 3), append(Some(3), 0));
         // Entries of the current epoch are never cut by a shorter (delayed) batch.
         let l = log((0, 0), &[1, 1, 2, 2, 2]);
-        assert_eq!(
-            plan_append(&l, 2, p(2, 3), &[], 3),
-            Ok(AppendPlan::Append {
-                truncate_after: None,
-                skip: 0
-            })
-        );
+        assert_eq!(plan_append(&l, 2, p(2, 3), &[], 3), append(None, 0));
     }
 
     #[test]
@@ -731,10 +721,7 @@ mod tests {
         let l = log((0, 0), &[1, 1, 1, 2, 2]);
         assert_eq!(
             plan_append(&l, 3, p(1, 3), &entries(4, &[3, 3]), 5),
-            Ok(AppendPlan::Append {
-                truncate_after: Some(3),
-                skip: 0
-            })
+            append(Some(3), 0)
         );
     }
 
@@ -743,9 +730,7 @@ mod tests {
         let l = log((0, 0), &[1, 1, 2, 2, 2]);
         assert_eq!(
             plan_append(&l, 3, p(3, 5), &entries(6, &[3]), 6),
-            Ok(AppendPlan::Mismatch {
-                conflict: Some(p(2, 3))
-            })
+            mismatch(Some(p(2, 3)))
         );
     }
 
@@ -754,10 +739,7 @@ mod tests {
         let l = log((0, 0), &[1, 1, 2]);
         assert_eq!(
             plan_append(&l, 3, p(1, 2), &entries(3, &[2, 3]), 4),
-            Ok(AppendPlan::Append {
-                truncate_after: None,
-                skip: 1
-            })
+            append(None, 1)
         );
     }
 
@@ -767,10 +749,7 @@ mod tests {
         let l = log((2, 10), &[2]);
         assert_eq!(
             plan_append(&l, 2, p(2, 7), &entries(8, &[2, 2, 2, 2, 2]), 12),
-            Ok(AppendPlan::Append {
-                truncate_after: None,
-                skip: 4
-            })
+            append(None, 4)
         );
     }
 
