@@ -175,8 +175,11 @@ async fn stale_leader_is_fenced_then_truncates_and_converges() {
     let old = shard.nodes[0].addr.clone();
     write_all(&old, "base", 100).await;
 
-    // The follower stalls: writes to the leader become durable there but not committed.
-    signal(shard.nodes[1].pid(), libc::SIGSTOP);
+    // The follower dies: writes to the leader become durable there but not committed.
+    // (kill -9 rather than SIGSTOP: a stopped follower would still read the leader's
+    // in-flight batch from its socket buffer on SIGCONT, and those entries would then be
+    // legitimately part of its log.)
+    shard.nodes[1].kill9();
     let http = Http::default();
     let pending: Vec<_> = (0..20)
         .map(|i| {
@@ -194,7 +197,8 @@ async fn stale_leader_is_fenced_then_truncates_and_converges() {
         "the orphan writes are in the old leader's log"
     );
     signal(shard.nodes[0].pid(), libc::SIGSTOP);
-    signal(shard.nodes[1].pid(), libc::SIGCONT);
+    shard.nodes[1].restart();
+    assert_eq!(shard.status(1).await.last_seq, 100, "the follower never saw the orphans");
 
     // Wait out the old leader's lease, then promote the follower at a higher epoch.
     tokio::time::sleep(Duration::from_millis(1600)).await;
