@@ -49,6 +49,8 @@ pub struct ApiError {
     pub epoch: Option<u64>,
     /// Address of the leader, when a replica knows it (not leader).
     pub leader: Option<String>,
+    /// The request body was left unread, so the connection cannot carry another request.
+    pub close_connection: bool,
 }
 
 /// Body of an error answer.
@@ -83,6 +85,7 @@ impl ApiError {
             retry_after: None,
             epoch: None,
             leader: None,
+            close_connection: false,
         }
     }
 
@@ -150,22 +153,28 @@ impl ApiError {
     pub fn into_demo(self) -> Response {
         let body = serde_json::json!({ "status": self.message });
         let mut resp = (self.status, axum::Json(body)).into_response();
-        add_retry_after(&mut resp, self.retry_after);
+        add_headers(&mut resp, &self);
         resp
     }
 }
 
-fn add_retry_after(resp: &mut Response, retry_after: Option<u64>) {
-    if let Some(s) = retry_after {
+fn add_headers(resp: &mut Response, e: &ApiError) {
+    if let Some(s) = e.retry_after {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    if e.close_connection {
+        // Tell the client, so its pool does not send the next request down a connection
+        // the server is about to close.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body())).into_response();
-        add_retry_after(&mut resp, self.retry_after);
+        add_headers(&mut resp, &self);
         resp
     }
 }
@@ -274,7 +283,7 @@ pub async fn read_body(
 ) -> Result<Bytes, ApiError> {
     let too_large = |len: Option<u64>| {
         let size = len.map(|l| format!("{l} bytes")).unwrap_or("more".into());
-        ApiError::new(
+        let mut e = ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             if what == "value" {
                 "value_too_large"
@@ -282,7 +291,9 @@ pub async fn read_body(
                 "body_too_large"
             },
             format!("the {what} is {size}; the limit is {limit} bytes"),
-        )
+        );
+        e.close_connection = true;
+        e
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)

@@ -523,9 +523,10 @@ pub async fn v1_put(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // The body first: an answer that leaves it unread costs the client its connection.
+    let value = api::read_body(&headers, body, node.cfg.limits.max_value_bytes, "value").await?;
     let key = api::key_from_path(uri.path(), &node.cfg.limits)?;
     let cond = api::condition(&headers)?;
-    let value = api::read_body(&headers, body, node.cfg.limits.max_value_bytes, "value").await?;
     let out = node.write(key.clone(), Op::Put(value), cond).await?;
     let status = if out.created {
         StatusCode::CREATED

@@ -89,7 +89,7 @@ impl Router {
     pub fn new(cfg: RouterConfig) -> Arc<Router> {
         let router = Arc::new(Router {
             routing: RwLock::new(Arc::new(Routing::new(Topology::default()).expect("empty"))),
-            http: HttpClient::new(),
+            http: HttpClient::http2(),
             admin: AdminClient::new(Duration::from_millis(500)),
             metrics: Metrics::new(),
             next_replica: AtomicUsize::new(0),
@@ -279,13 +279,16 @@ async fn forward_v1(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let key = api::key_from_path(uri.path(), &r.cfg.limits)?;
+    // The body first: an answer that leaves it unread costs the client its connection.
     let body = if method == Method::PUT {
-        api::condition(&headers)?;
         api::read_body(&headers, body, r.cfg.limits.max_value_bytes, "value").await?
     } else {
         Bytes::new()
     };
+    let key = api::key_from_path(uri.path(), &r.cfg.limits)?;
+    if method == Method::PUT {
+        api::condition(&headers)?;
+    }
     let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let stale = method == Method::GET && api::wants_stale(uri.query());
     r.forward(&key, method, pq, &headers, body, stale).await

@@ -388,6 +388,16 @@ async fn bad_input_is_refused_and_changes_nothing() {
         );
         assert_eq!(error_code(&resp), code, "{what}");
     }
+    // An oversized body is refused unread, so the answer closes the connection and says so
+    // (a client pool must not reuse it).
+    let big = http
+        .req(Method::PUT, &r, "/v1/kv/k", &[], vec![b'x'; (1 << 20) + 1])
+        .await;
+    assert_eq!(big.status, 413);
+    assert_eq!(
+        big.headers.get("connection").map(|v| v.to_str().unwrap()),
+        Some("close")
+    );
     // Node-side limits, straight at the node.
     let big = http
         .req(Method::PUT, &node, "/v1/kv/k", &[], vec![b'x'; 1001])

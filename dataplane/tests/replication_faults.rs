@@ -198,7 +198,11 @@ async fn stale_leader_is_fenced_then_truncates_and_converges() {
     );
     signal(shard.nodes[0].pid(), libc::SIGSTOP);
     shard.nodes[1].restart();
-    assert_eq!(shard.status(1).await.last_seq, 100, "the follower never saw the orphans");
+    assert_eq!(
+        shard.status(1).await.last_seq,
+        100,
+        "the follower never saw the orphans"
+    );
 
     // Wait out the old leader's lease, then promote the follower at a higher epoch.
     tokio::time::sleep(Duration::from_millis(1600)).await;
