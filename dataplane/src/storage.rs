@@ -38,8 +38,8 @@ const MAX_BATCH: usize = 4096;
 /// How often redb is made durable (a checkpoint), after which the write-ahead log restarts;
 /// bounds replay time after a crash.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
-/// Checkpoint early when the write-ahead log grows past this many bytes.
-const CHECKPOINT_WAL_BYTES: u64 = 64 << 20;
+/// A group commit slower than this is logged: it held up every write of the replica.
+const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A place in the replicated log, and the version of every value: the `(epoch, seq)` of
 /// the log entry that wrote it. Ordered by epoch, then sequence.
@@ -281,6 +281,25 @@ enum Command {
 }
 
 impl Command {
+    /// An upper bound of the bytes this command adds to the write-ahead log (truncations
+    /// and trims are recorded by seq only).
+    fn wal_estimate(&self) -> u64 {
+        let entry = |key: &Bytes, op: &Op| {
+            64 + key.len() as u64
+                + match op {
+                    Op::Put(v) => v.len() as u64,
+                    Op::Delete => 0,
+                }
+        };
+        match self {
+            Command::Write { key, op, .. } => entry(key, op),
+            Command::Append { entries, .. } => {
+                64 + entries.iter().map(|e| entry(&e.key, &e.op)).sum::<u64>()
+            }
+            _ => 64,
+        }
+    }
+
     /// Commands whose effects are not in the write-ahead log: their batch commits durably.
     fn needs_checkpoint(&self) -> bool {
         matches!(
@@ -326,7 +345,7 @@ impl Store {
         } else {
             replay(&db, state, batches)?
         };
-        wal.reset().map_err(io)?;
+        wal.reset();
         let (state_tx, state_rx) = watch::channel(state);
         let (tx, rx) = std_mpsc::channel();
         let writer = Writer {
@@ -683,8 +702,10 @@ fn recover(db: &Database) -> Result<(LogState, bool), StoreError> {
             tracing::warn!("found a partially installed snapshot; discarding local data");
             txn.delete_table(KV)?;
             txn.delete_table(LOG)?;
+            // The epoch and the log's batch numbering only ever rise.
             state = LogState {
                 epoch: state.epoch,
+                wal_batch: state.wal_batch,
                 ..LogState::default()
             };
             meta.remove(META_SNAPSHOT_PARTIAL)?;
@@ -809,7 +830,18 @@ impl Writer {
                 Ok(()) => {
                     self.state = next;
                     self.published.send_replace(next);
-                    self.observer.committed(n, started.elapsed().as_secs_f64());
+                    let took = started.elapsed();
+                    self.observer.committed(n, took.as_secs_f64());
+                    if took >= SLOW_COMMIT {
+                        // Every write on this replica waited this long; say why it was slow.
+                        tracing::warn!(
+                            ms = took.as_millis() as u64,
+                            requests = n,
+                            checkpoint = self.checkpointed.elapsed() < took,
+                            wal_bytes = self.wal.len(),
+                            "slow group commit"
+                        );
+                    }
                     for r in replies {
                         r.send(next, None);
                     }
@@ -843,9 +875,11 @@ impl Writer {
         st: &mut LogState,
         replies: &mut Vec<Reply>,
     ) -> Result<(), StoreError> {
+        // The batch's frame size is not known yet; its keys and values bound it.
+        let estimate: u64 = batch.iter().map(Command::wal_estimate).sum();
         let checkpoint = batch.iter().any(Command::needs_checkpoint)
             || self.checkpointed.elapsed() >= CHECKPOINT_EVERY
-            || self.wal.len() >= CHECKPOINT_WAL_BYTES;
+            || !self.wal.has_room(estimate);
         let mut txn = self.db.begin_write()?;
         // Between checkpoints redb commits without fsync: the write-ahead log append below
         // is what makes the batch durable.
@@ -932,7 +966,8 @@ impl Writer {
         txn.commit()?;
         let logged = if checkpoint {
             self.checkpointed = Instant::now();
-            self.wal.reset()
+            self.wal.reset();
+            Ok(())
         } else if records.is_empty() {
             Ok(())
         } else {

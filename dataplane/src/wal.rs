@@ -1,19 +1,31 @@
-//! The write-ahead log that makes a group commit durable with one sequential append and
-//! one `fdatasync`, instead of a durable redb commit that writes every dirty B-tree page.
+//! The write-ahead log that makes a group commit durable with one write and one
+//! `fdatasync`, instead of a durable redb commit that writes every dirty B-tree page.
 //!
-//! Each batch the writer commits is appended as one frame: `len u32 | crc32 u32 | payload`,
+//! Each batch the writer commits is written as one frame: `len u32 | crc32 u32 | payload`,
 //! the payload a postcard [`WalBatch`]. redb itself commits without fsync and is made
-//! durable by a checkpoint from time to time, after which the log starts over. On open,
-//! the batches after the checkpoint are replayed; a torn last frame (a crash mid-append)
-//! fails its checksum and is cut off, which is safe because nobody was told it was saved.
+//! durable by a checkpoint from time to time, after which the log starts over at offset 0.
+//!
+//! The file is zero-filled to its capacity once and then only overwritten in place, so an
+//! `fdatasync` has data to flush but no metadata. On ext4 that matters: a size change
+//! makes the sync commit the journal, and in ordered mode the journal first writes back
+//! every other file's dirty data (here redb's), which stalled every replica's commits
+//! together for up to 200 ms.
+//!
+//! On open, frames are read from the start while they are intact and their batch numbers
+//! follow one another; the remains of an earlier cycle, or a torn last frame (a crash
+//! mid-write), end the log there. That is safe: nobody was told such a batch was saved.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::storage::LogEntry;
+
+/// Bytes the log file is zero-filled to; checkpoints restart it long before it fills.
+pub const CAPACITY: u64 = 4 << 20;
 
 /// One change the writer made, enough to redo it on top of the last checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,7 +57,7 @@ pub struct Wal {
 }
 
 impl Wal {
-    /// Opens (or creates) the log and reads every whole batch in it; a torn tail is cut.
+    /// Opens (or creates) the log and reads the batches of its current cycle.
     pub fn open(path: &Path) -> std::io::Result<(Wal, Vec<WalBatch>)> {
         let mut file = OpenOptions::new()
             .create(true)
@@ -56,15 +68,11 @@ impl Wal {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         let (batches, valid) = parse(&bytes);
-        if valid < bytes.len() {
-            tracing::warn!(
-                path = %path.display(),
-                kept = valid,
-                dropped = bytes.len() - valid,
-                "write-ahead log ends in a torn frame; cutting it off"
-            );
-            file.set_len(valid as u64)?;
-            file.sync_data()?;
+        if (bytes.len() as u64) < CAPACITY {
+            // Zero-fill once: later writes overwrite allocated, written blocks only.
+            let zeros = vec![0u8; (CAPACITY - bytes.len() as u64) as usize];
+            file.write_all(&zeros)?;
+            file.sync_all()?;
         }
         let wal = Wal {
             file,
@@ -74,35 +82,38 @@ impl Wal {
         Ok((wal, batches))
     }
 
-    /// Appends a batch and waits until it is on disk.
+    /// Writes a batch after the last one and waits until it is on disk.
     pub fn append(&mut self, batch: &WalBatch) -> std::io::Result<()> {
         let payload = postcard::to_stdvec(batch).map_err(std::io::Error::other)?;
         let mut frame = Vec::with_capacity(payload.len() + 8);
         frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         frame.extend_from_slice(&crc32(&payload).to_le_bytes());
         frame.extend_from_slice(&payload);
-        use std::io::Seek;
-        self.file.seek(std::io::SeekFrom::Start(self.len))?;
-        self.file.write_all(&frame)?;
+        self.file.write_all_at(&frame, self.len)?;
         self.file.sync_data()?;
         self.len += frame.len() as u64;
         Ok(())
     }
 
-    /// Empties the log (after a checkpoint made everything in it durable in redb).
-    pub fn reset(&mut self) -> std::io::Result<()> {
-        self.file.set_len(0)?;
-        self.file.sync_data()?;
-        self.len = 0;
-        Ok(())
+    /// Whether a batch of about `bytes` still fits before the zero-filled end (a batch
+    /// that does not is made durable by a checkpoint instead).
+    pub fn has_room(&self, bytes: u64) -> bool {
+        self.len + bytes + 8 <= CAPACITY
     }
 
-    /// Bytes in the log.
+    /// Starts the log over (after a checkpoint made everything in it durable in redb).
+    /// Nothing is erased: the next frame overwrites the first, and what follows it no
+    /// longer continues the numbering.
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    /// Bytes of the current cycle.
     pub fn len(&self) -> u64 {
         self.len
     }
 
-    /// Whether the log is empty.
+    /// Whether the current cycle is empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -113,13 +124,17 @@ impl Wal {
     }
 }
 
-/// Every whole, intact batch at the front of `bytes`, and how many bytes they span.
+/// The intact, consecutively numbered batches at the front of `bytes`, and how many
+/// bytes they span.
 fn parse(bytes: &[u8]) -> (Vec<WalBatch>, usize) {
-    let mut batches = Vec::new();
+    let mut batches: Vec<WalBatch> = Vec::new();
     let mut at = 0;
     while bytes.len() - at >= 8 {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
         let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap());
+        if len == 0 {
+            break;
+        }
         let Some(payload) = bytes.get(at + 8..at + 8 + len) else {
             break;
         };
@@ -129,14 +144,16 @@ fn parse(bytes: &[u8]) -> (Vec<WalBatch>, usize) {
         let Ok(batch) = postcard::from_bytes::<WalBatch>(payload) else {
             break;
         };
+        if batches.last().is_some_and(|b| batch.number != b.number + 1) {
+            break;
+        }
         batches.push(batch);
         at += 8 + len;
     }
     (batches, at)
 }
 
-/// CRC-32 (IEEE), bitwise; the frames are small and this is not on a hot path's critical
-/// part next to the fsync.
+/// CRC-32 (IEEE), table-driven.
 fn crc32(data: &[u8]) -> u32 {
     static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
     let table = TABLE.get_or_init(|| {
@@ -194,26 +211,44 @@ mod tests {
         let path = dir.path().join("wal");
         let (mut wal, found) = Wal::open(&path).unwrap();
         assert!(found.is_empty());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), CAPACITY);
         wal.append(&batch(1)).unwrap();
         wal.append(&batch(2)).unwrap();
         let whole = wal.len();
         drop(wal);
-        // A crash in the middle of a third append leaves half a frame.
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
+        // A crash in the middle of a third write leaves half a frame.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[200, 0, 0, 0, 1, 2, 3], whole).unwrap();
         drop(f);
         let (mut wal, found) = Wal::open(&path).unwrap();
         assert_eq!(found, vec![batch(1), batch(2)]);
         assert_eq!(wal.len(), whole);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
-        // Appends continue after the cut.
+        // The file keeps its size: writes only ever overwrite.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), CAPACITY);
         wal.append(&batch(3)).unwrap();
         drop(wal);
-        let (wal, found) = Wal::open(&path).unwrap();
+        let (_, found) = Wal::open(&path).unwrap();
         assert_eq!(found.len(), 3);
-        let mut wal = wal;
-        wal.reset().unwrap();
+    }
+
+    #[test]
+    fn after_a_reset_the_old_cycle_is_not_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        let (mut wal, _) = Wal::open(&path).unwrap();
+        for n in 1..=5 {
+            wal.append(&batch(n)).unwrap();
+        }
+        // A checkpoint: the log starts over, and batch 6 overwrites batch 1.
+        wal.reset();
         assert!(wal.is_empty());
+        wal.append(&batch(6)).unwrap();
+        drop(wal);
+        // Batches 2..5 still follow on disk, but 2 does not continue 6.
+        let (wal, found) = Wal::open(&path).unwrap();
+        assert_eq!(found, vec![batch(6)]);
+        assert!(wal.has_room(1000));
+        assert!(!wal.has_room(CAPACITY));
     }
 
     #[test]
@@ -223,10 +258,10 @@ mod tests {
         let (mut wal, _) = Wal::open(&path).unwrap();
         wal.append(&batch(1)).unwrap();
         wal.append(&batch(2)).unwrap();
+        let end = wal.len();
         drop(wal);
         let mut bytes = std::fs::read(&path).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xFF;
+        bytes[end as usize - 1] ^= 0xFF;
         std::fs::write(&path, &bytes).unwrap();
         let (_, found) = Wal::open(&path).unwrap();
         assert_eq!(found, vec![batch(1)]);
