@@ -14,12 +14,6 @@ use dataplane::router::{Router, RouterConfig};
 use dataplane::wire::AckMode;
 use tokio::net::TcpListener;
 
-// The request path allocates small buffers at a high rate, and redb's writer churns
-// pages; glibc's malloc showed up in perf profiles of the PUT load (`_int_malloc`,
-// `malloc_consolidate`).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "distkv",
