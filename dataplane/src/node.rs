@@ -95,6 +95,7 @@ pub struct Node {
 struct LeaderView {
     epoch: u64,
     leadership: Arc<Leadership>,
+    min_in_sync: usize,
 }
 
 impl Node {
@@ -175,6 +176,7 @@ impl Node {
         Ok(LeaderView {
             epoch: a.epoch,
             leadership,
+            min_in_sync: a.min_in_sync as usize,
         })
     }
 
@@ -199,8 +201,8 @@ impl Node {
     ) -> Result<crate::storage::WriteOutcome, ApiError> {
         let slot = slot_for(&key);
         let view = self.leader_view(slot)?;
-        let min = self.assignment.read().unwrap().min_in_sync as usize;
-        let in_sync = view.leadership.in_sync().len();
+        let min = view.min_in_sync;
+        let in_sync = view.leadership.in_sync_len();
         if in_sync < min {
             return Err(ApiError::unavailable(
                 "not_enough_replicas",

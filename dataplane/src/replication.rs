@@ -282,6 +282,11 @@ impl Leadership {
         self.in_sync.lock().unwrap().clone()
     }
 
+    /// Size of the in-sync set, without copying it (checked on every write).
+    pub fn in_sync_len(&self) -> usize {
+        self.in_sync.lock().unwrap().len()
+    }
+
     /// The members that hold every committed entry: the leader and each member that has
     /// acknowledged the log end as of its joining. Only these may be promoted.
     pub fn confirmed_in_sync(&self) -> Vec<String> {

@@ -556,25 +556,6 @@ impl Store {
         }
         Ok((keys, digest))
     }
-
-    /// Every key with its slot, in `(slot, key)` order (for tests and tools).
-    pub fn dump(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(KV)?;
-        let mut out = Vec::new();
-        for item in table.iter()? {
-            let (k, v) = item?;
-            let (slot, key) = k.value();
-            let (version, value) = decode_value(v.value());
-            out.push(SnapshotRecord {
-                slot,
-                key: Bytes::copy_from_slice(key),
-                version,
-                value: Bytes::copy_from_slice(value),
-            });
-        }
-        Ok(out)
-    }
 }
 
 /// Framing of the snapshot stream: a header with the position the copy is consistent

@@ -212,46 +212,25 @@ mod tests {
     fn a_live_lease_is_respected_and_a_stale_one_taken_over() {
         let mut seen = Observed::default();
         let t0 = Instant::now();
-        assert_eq!(step(Some(&lease("b", 1)), "a", &mut seen, t0), Step::Wait);
-        // Still the same renewTime 10 s later: not yet expired.
-        assert_eq!(
-            step(
-                Some(&lease("b", 1)),
-                "a",
-                &mut seen,
-                t0 + Duration::from_secs(10)
-            ),
-            Step::Wait
-        );
-        // The holder renews: the clock restarts from this sighting.
-        assert_eq!(
-            step(
-                Some(&lease("b", 2)),
-                "a",
-                &mut seen,
-                t0 + Duration::from_secs(14)
-            ),
-            Step::Wait
-        );
-        assert_eq!(
-            step(
-                Some(&lease("b", 2)),
-                "a",
-                &mut seen,
-                t0 + Duration::from_secs(20)
-            ),
-            Step::Wait
-        );
-        // Unchanged for longer than the lease duration: take over.
-        assert_eq!(
-            step(
-                Some(&lease("b", 2)),
-                "a",
-                &mut seen,
-                t0 + Duration::from_secs(30)
-            ),
-            Step::TakeOver
-        );
+        // (holder's renewal count, seconds after t0, expected step)
+        let rounds = [
+            (1, 0, Step::Wait),
+            // Still the same renewTime 10 s later: not yet expired.
+            (1, 10, Step::Wait),
+            // The holder renews: the clock restarts from this sighting.
+            (2, 14, Step::Wait),
+            (2, 20, Step::Wait),
+            // Unchanged for longer than the lease duration: take over.
+            (2, 30, Step::TakeOver),
+        ];
+        for (renewals, secs, expected) in rounds {
+            let at = t0 + Duration::from_secs(secs);
+            assert_eq!(
+                step(Some(&lease("b", renewals)), "a", &mut seen, at),
+                expected,
+                "at {secs} s"
+            );
+        }
     }
 
     #[test]
