@@ -409,9 +409,10 @@ pub async fn stream_to_follower(
 ) {
     let store = leadership.store.clone();
     leadership.register(&peer.id);
-    let mut changes = store.subscribe();
+    // Staged, not durable: followers store a batch while the leader's own fsync runs.
+    let mut changes = store.subscribe_staged();
     // Optimistic start: assume the follower is level; a mismatch walks back.
-    let mut next = store.state().last.seq + 1;
+    let mut next = store.staged().last.seq + 1;
     let mut backoff = Duration::from_millis(20);
     loop {
         if leadership.deposed().is_some() {
@@ -512,8 +513,13 @@ async fn replicate_once(
     let prev_seq = next - 1;
     let prev_epoch = store.epoch_at(prev_seq)?.unwrap_or(0);
     let prev = Position::new(prev_epoch, prev_seq);
-    let entries = if store.state().last.seq >= next {
-        store.read_log(next, cfg.max_entries, cfg.max_bytes)?
+    let leader_last = store.staged().last.seq;
+    let entries = if leader_last >= next {
+        let mut entries = store.read_log(next, cfg.max_entries, cfg.max_bytes)?;
+        // A batch staged since `leader_last` was read waits for the next round, so the
+        // request never reaches past the end it names.
+        entries.retain(|e| e.seq <= leader_last);
+        entries
     } else {
         Vec::new()
     };
@@ -522,7 +528,7 @@ async fn replicate_once(
         epoch: leadership.epoch,
         prev,
         commit: leadership.commit(),
-        leader_last: store.state().last.seq,
+        leader_last,
         entries,
     };
     let body =

@@ -328,6 +328,7 @@ pub struct Store {
     db: Arc<Database>,
     commands: std_mpsc::Sender<Command>,
     state: watch::Receiver<LogState>,
+    staged: watch::Receiver<LogState>,
     path: PathBuf,
 }
 
@@ -347,11 +348,13 @@ impl Store {
         };
         wal.reset();
         let (state_tx, state_rx) = watch::channel(state);
+        let (staged_tx, staged_rx) = watch::channel(state);
         let (tx, rx) = std_mpsc::channel();
         let writer = Writer {
             db: db.clone(),
             state,
             published: state_tx,
+            staged: staged_tx,
             observer,
             wal,
             checkpointed: Instant::now(),
@@ -364,6 +367,7 @@ impl Store {
             db,
             commands: tx,
             state: state_rx,
+            staged: staged_rx,
             path,
         })
     }
@@ -381,6 +385,19 @@ impl Store {
     /// A receiver that wakes on every commit.
     pub fn subscribe(&self) -> watch::Receiver<LogState> {
         self.state.clone()
+    }
+
+    /// The log as readers of the database see it: ahead of [`Store::state`] by the batch
+    /// whose write-ahead-log sync is under way. A leader streams from here, so its
+    /// followers store a batch while its own fsync runs; nothing counts as committed
+    /// until [`Store::state`] holds it too.
+    pub fn staged(&self) -> LogState {
+        *self.staged.borrow()
+    }
+
+    /// A receiver that wakes whenever [`Store::staged`] moves.
+    pub fn subscribe_staged(&self) -> watch::Receiver<LogState> {
+        self.staged.clone()
     }
 
     async fn call<T>(
@@ -745,6 +762,8 @@ struct Writer {
     db: Arc<Database>,
     state: LogState,
     published: watch::Sender<LogState>,
+    /// Moves as soon as a batch is visible in the database, before its log sync.
+    staged: watch::Sender<LogState>,
     observer: Arc<dyn CommitObserver>,
     wal: Wal,
     checkpointed: Instant,
@@ -945,6 +964,7 @@ impl Writer {
             meta.insert(META_STATE, tx.st.encode().as_slice())?;
         }
         txn.commit()?;
+        self.staged.send_replace(*st);
         let logged = if checkpoint {
             self.checkpointed = Instant::now();
             self.wal.reset();
@@ -1198,14 +1218,15 @@ impl crate::replication::LogIndex for TxLog<'_, '_, '_> {
     }
 }
 
-/// The store's own log, read outside the writer (the leader's view when it replicates).
+/// The store's own log, read outside the writer (the leader's view when it replicates):
+/// everything the database holds, including a batch whose log sync is still running.
 impl crate::replication::LogIndex for Store {
     type Error = StoreError;
     fn last(&self) -> Position {
-        self.state().last
+        self.staged().last
     }
     fn base(&self) -> Position {
-        self.state().base
+        self.staged().base
     }
     fn epoch_at(&self, seq: u64) -> Result<Option<u64>, StoreError> {
         Store::epoch_at(self, seq)
