@@ -11,7 +11,7 @@ use hyper::header::HeaderMap;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -406,4 +406,115 @@ pub fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// One HTTP/2 connection per node, shared by every request to that node: the router's
+/// path to the replicas. Compared with the pooled client it skips the pool checkout and
+/// the URL formatting and parsing per request, and hands back the response body as it
+/// arrives instead of buffering it.
+#[derive(Default)]
+pub struct NodeConnections {
+    conns: std::sync::RwLock<std::collections::HashMap<String, NodeConnection>>,
+}
+
+/// A live connection and the authority its requests name.
+#[derive(Clone)]
+struct NodeConnection {
+    authority: hyper::http::uri::Authority,
+    send: hyper::client::conn::http2::SendRequest<RequestBody>,
+}
+
+/// A request to a node, before the connection is chosen.
+pub struct NodeRequest<'a> {
+    /// Method.
+    pub method: Method,
+    /// Path and query, passed on as they came.
+    pub path_and_query: hyper::http::uri::PathAndQuery,
+    /// Headers to send.
+    pub headers: &'a [(hyper::header::HeaderName, hyper::header::HeaderValue)],
+    /// Body.
+    pub body: Bytes,
+}
+
+impl NodeConnections {
+    /// Sends `req` to the node at `addr` and returns the response with its body still
+    /// streaming. Connects first when there is no open connection; a refused connection
+    /// is [`ClientError::Connect`], so the caller knows nothing was sent.
+    pub async fn send(
+        &self,
+        addr: &str,
+        req: NodeRequest<'_>,
+        timeout: Duration,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let call = async {
+            let mut conn = self.connection(addr).await?;
+            let uri = hyper::Uri::builder()
+                .scheme("http")
+                .authority(conn.authority.clone())
+                .path_and_query(req.path_and_query)
+                .build()
+                .map_err(|e| ClientError::Url(e.to_string()))?;
+            let mut request = Request::new(full(req.body));
+            *request.method_mut() = req.method;
+            *request.uri_mut() = uri;
+            let headers = request.headers_mut();
+            for (k, v) in req.headers {
+                headers.insert(k.clone(), v.clone());
+            }
+            conn.send.send_request(request).await.map_err(|e| {
+                // The connection is suspect: the next request makes a new one.
+                self.forget(addr);
+                ClientError::Transport {
+                    addr: addr.to_string(),
+                    message: error_chain(&e),
+                }
+            })
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| ClientError::Timeout(addr.to_string()))?
+    }
+
+    async fn connection(&self, addr: &str) -> Result<NodeConnection, ClientError> {
+        if let Some(c) = self.conns.read().unwrap().get(addr)
+            && !c.send.is_closed()
+        {
+            return Ok(c.clone());
+        }
+        let connect_error = |message: String| ClientError::Connect {
+            addr: addr.to_string(),
+            message,
+        };
+        let authority: hyper::http::uri::Authority =
+            addr.parse().map_err(|e| ClientError::Url(format!("{addr}: {e}")))?;
+        let stream = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        .map_err(|_| connect_error("connect timed out".into()))?
+        .map_err(|e| connect_error(e.to_string()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| connect_error(e.to_string()))?;
+        let (send, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(|e| connect_error(error_chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection to node closed");
+            }
+        });
+        let conn = NodeConnection { authority, send };
+        self.conns
+            .write()
+            .unwrap()
+            .insert(addr.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    fn forget(&self, addr: &str) {
+        self.conns.write().unwrap().remove(addr);
+    }
 }

@@ -10,14 +10,16 @@ use std::time::Duration;
 use axum::Router as App;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, Method, StatusCode, Uri, header};
+use axum::http::uri::PathAndQuery;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{self, ApiError, Limits};
-use crate::client::{AdminClient, ClientError, HttpClient, full};
+use crate::client::{AdminClient, ClientError, NodeConnections, NodeRequest};
 use crate::metrics::{self, Metrics};
 use crate::slots::{Slot, slot_for};
 use crate::topology::{Role, ShardInfo, Topology, TopologyError};
@@ -69,7 +71,7 @@ impl Routing {
 pub struct Router {
     cfg: RouterConfig,
     routing: RwLock<Arc<Routing>>,
-    http: HttpClient,
+    nodes: NodeConnections,
     admin: AdminClient,
     metrics: Arc<Metrics>,
     next_replica: AtomicUsize,
@@ -89,7 +91,7 @@ impl Router {
     pub fn new(cfg: RouterConfig) -> Arc<Router> {
         let router = Arc::new(Router {
             routing: RwLock::new(Arc::new(Routing::new(Topology::default()).expect("empty"))),
-            http: HttpClient::http2(),
+            nodes: NodeConnections::default(),
             admin: AdminClient::new(Duration::from_millis(500)),
             metrics: Metrics::new(),
             next_replica: AtomicUsize::new(0),
@@ -177,15 +179,15 @@ impl Router {
         &self,
         key: &[u8],
         method: Method,
-        path_and_query: &str,
+        path_and_query: PathAndQuery,
         headers: &HeaderMap,
         body: Bytes,
         stale: bool,
     ) -> Result<Response, ApiError> {
         let slot = slot_for(key);
-        let fwd: Vec<(&str, &str)> = FORWARD_REQUEST
+        let fwd: Vec<(HeaderName, HeaderValue)> = FORWARD_REQUEST
             .iter()
-            .filter_map(|h| Some((h.as_str(), headers.get(h)?.to_str().ok()?)))
+            .filter_map(|h| Some((h.clone(), headers.get(h)?.clone())))
             .collect();
         let mut hint: Option<String> = None;
         for attempt in 0..2 {
@@ -197,23 +199,23 @@ impl Router {
                 Some(h) => h,
                 None => self.pick(shard, stale)?,
             };
-            let result = self
-                .http
-                .call(
-                    method.clone(),
-                    &addr,
-                    path_and_query,
-                    &fwd,
-                    full(body.clone()),
-                    self.cfg.timeout,
-                )
-                .await;
+            let request = NodeRequest {
+                method: method.clone(),
+                path_and_query: path_and_query.clone(),
+                headers: &fwd,
+                body: body.clone(),
+            };
+            let result = self.nodes.send(&addr, request, self.cfg.timeout).await;
             let retry = attempt == 0;
             match result {
-                Ok(r) if retry && moved(r.status) => {
+                Ok(r) if retry && moved(r.status()) => {
                     self.metrics.retries.inc();
                     self.reload_file();
-                    hint = api::leader_in_error(&r.body).filter(|h| *h != addr);
+                    let body = r.into_body().collect().await.map(|b| b.to_bytes());
+                    hint = body
+                        .ok()
+                        .and_then(|b| api::leader_in_error(&b))
+                        .filter(|h| *h != addr);
                 }
                 Ok(r) => return Ok(into_response(r)),
                 // Nothing was sent on a refused connection, so even a write may go again.
@@ -259,11 +261,13 @@ fn moved(status: StatusCode) -> bool {
     status == StatusCode::MISDIRECTED_REQUEST || status == StatusCode::CONFLICT
 }
 
-fn into_response(r: crate::client::Response) -> Response {
-    let mut resp = Response::new(Body::from(r.body));
-    *resp.status_mut() = r.status;
+/// The node's answer, passed on with its body streaming through.
+fn into_response(r: hyper::Response<hyper::body::Incoming>) -> Response {
+    let (parts, body) = r.into_parts();
+    let mut resp = Response::new(Body::new(body));
+    *resp.status_mut() = parts.status;
     for h in FORWARD_RESPONSE {
-        if let Some(v) = r.headers.get(&h) {
+        if let Some(v) = parts.headers.get(&h) {
             resp.headers_mut().insert(h, v.clone());
         }
     }
@@ -271,6 +275,12 @@ fn into_response(r: crate::client::Response) -> Response {
 }
 
 type RouterState = State<Arc<Router>>;
+
+fn path_and_query(uri: &Uri) -> PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
+}
 
 async fn forward_v1(
     State(r): RouterState,
@@ -289,7 +299,7 @@ async fn forward_v1(
     if method == Method::PUT {
         api::condition(&headers)?;
     }
-    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let pq = path_and_query(&uri);
     let stale = method == Method::GET && api::wants_stale(uri.query());
     r.forward(&key, method, pq, &headers, body, stale).await
 }
@@ -301,7 +311,7 @@ async fn forward_demo_put(State(r): RouterState, headers: HeaderMap, body: Body)
         r.forward(
             put.key.as_bytes(),
             Method::POST,
-            "/put",
+            PathAndQuery::from_static("/put"),
             &headers,
             body,
             false,
@@ -319,7 +329,7 @@ async fn forward_demo_key(
 ) -> Response {
     let run = async {
         let key = api::demo_key(uri.query(), &r.cfg.limits)?;
-        let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let pq = path_and_query(&uri);
         let stale = uri.path() == "/get" && api::wants_stale(uri.query());
         r.forward(&key, method, pq, &headers, Bytes::new(), stale)
             .await
