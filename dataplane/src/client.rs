@@ -97,23 +97,12 @@ impl Default for HttpClient {
 impl HttpClient {
     /// A client with keep-alive pooling and `TCP_NODELAY`.
     pub fn new() -> Self {
-        Self::build(false)
-    }
-
-    /// A client that speaks HTTP/2 without TLS (prior knowledge): many requests share
-    /// one connection, and under load their frames go out in fewer writes.
-    pub fn http2() -> Self {
-        Self::build(true)
-    }
-
-    fn build(http2: bool) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         let inner = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(1024)
-            .http2_only(http2)
             .build(connector);
         HttpClient { inner }
     }

@@ -160,20 +160,18 @@ impl CommitObserver for Metrics {
 
 /// Middleware: counts every request by route template and status, and times it.
 pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+    // A shared string, not a copy: this runs on every request.
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let started = Instant::now();
     let resp = next.run(req).await;
     metrics
         .latency
-        .with_label_values(&[route.as_str()])
+        .with_label_values(&[route])
         .observe(started.elapsed().as_secs_f64());
     metrics
         .requests
-        .with_label_values(&[route.as_str(), resp.status().as_str()])
+        .with_label_values(&[route, resp.status().as_str()])
         .inc();
     resp
 }

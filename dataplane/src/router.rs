@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::Router as App;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::uri::PathAndQuery;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -282,13 +282,10 @@ fn path_and_query(uri: &Uri) -> PathAndQuery {
         .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
-async fn forward_v1(
-    State(r): RouterState,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
+async fn forward_v1(State(r): RouterState, req: Request) -> Result<Response, ApiError> {
+    // Taken whole rather than through extractors, which would copy the URI and headers.
+    let (parts, body) = req.into_parts();
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     // The body first: an answer that leaves it unread costs the client its connection.
     let body = if method == Method::PUT {
         api::read_body(&headers, body, r.cfg.limits.max_value_bytes, "value").await?
