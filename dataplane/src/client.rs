@@ -480,15 +480,14 @@ impl NodeConnections {
             addr: addr.to_string(),
             message,
         };
-        let authority: hyper::http::uri::Authority =
-            addr.parse().map_err(|e| ClientError::Url(format!("{addr}: {e}")))?;
-        let stream = tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        .map_err(|_| connect_error("connect timed out".into()))?
-        .map_err(|e| connect_error(e.to_string()))?;
+        let authority: hyper::http::uri::Authority = addr
+            .parse()
+            .map_err(|e| ClientError::Url(format!("{addr}: {e}")))?;
+        let stream =
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| connect_error("connect timed out".into()))?
+                .map_err(|e| connect_error(e.to_string()))?;
         stream
             .set_nodelay(true)
             .map_err(|e| connect_error(e.to_string()))?;

@@ -1,6 +1,6 @@
 //! The router (`distkv router`): hashes each key to its slot, forwards the request to the
-//! shard's leader over pooled keep-alive connections, and retries once when the leader
-//! moved. Stateless apart from the topology the control plane pushes to it.
+//! shard's leader over one shared HTTP/2 connection per node, and retries once when the
+//! leader moved. Stateless apart from the topology the control plane pushes to it.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
