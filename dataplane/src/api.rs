@@ -274,14 +274,20 @@ pub fn condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
     }
 }
 
-/// Reads a request body of at most `limit` bytes, answering 413 beyond.
+/// A refused body up to this size is read and thrown away before the 413 goes out, so the
+/// client, still sending, reads the answer instead of a reset connection.
+pub const DRAIN_LIMIT: u64 = 8 << 20;
+
+/// Reads a request body of at most `limit` bytes, answering 413 beyond. A declared
+/// oversized body is drained when it is at most [`DRAIN_LIMIT`] and the connection stays
+/// open; a larger or undeclared one is left unread and the answer closes the connection.
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
     what: &str,
 ) -> Result<Bytes, ApiError> {
-    let too_large = |len: Option<u64>| {
+    let too_large = |len: Option<u64>, close: bool| {
         let size = len.map(|l| format!("{l} bytes")).unwrap_or("more".into());
         let mut e = ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -292,7 +298,7 @@ pub async fn read_body(
             },
             format!("the {what} is {size}; the limit is {limit} bytes"),
         );
-        e.close_connection = true;
+        e.close_connection = close;
         e
     };
     let declared = headers
@@ -302,11 +308,23 @@ pub async fn read_body(
     if let Some(len) = declared
         && len > limit as u64
     {
-        return Err(too_large(Some(len)));
+        let drained = len <= DRAIN_LIMIT && drain(body).await;
+        return Err(too_large(Some(len), !drained));
     }
     axum::body::to_bytes(body, limit)
         .await
-        .map_err(|_| too_large(declared))
+        .map_err(|_| too_large(declared, true))
+}
+
+/// Reads a body to its end without keeping it; false if it broke off.
+async fn drain(mut body: Body) -> bool {
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        if frame.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// The demo API's `POST /put` body.

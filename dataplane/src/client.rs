@@ -501,10 +501,11 @@ impl NodeConnections {
             }
         });
         let conn = NodeConnection { authority, send };
-        self.conns
-            .write()
-            .unwrap()
-            .insert(addr.to_string(), conn.clone());
+        let mut conns = self.conns.write().unwrap();
+        // Nodes that restarted elsewhere leave closed connections behind; drop them here,
+        // where a new connection is made anyway.
+        conns.retain(|_, c| !c.send.is_closed());
+        conns.insert(addr.to_string(), conn.clone());
         Ok(conn)
     }
 

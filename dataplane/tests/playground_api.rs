@@ -388,16 +388,26 @@ async fn bad_input_is_refused_and_changes_nothing() {
         );
         assert_eq!(error_code(&resp), code, "{what}");
     }
-    // An oversized body is refused unread, so the answer closes the connection and says so
-    // (a client pool must not reuse it).
+    // An oversized body of moderate size is read and dropped, so the client gets its 413
+    // rather than a reset while still sending, and the connection stays usable.
     let big = http
         .req(Method::PUT, &r, "/v1/kv/k", &[], vec![b'x'; (1 << 20) + 1])
         .await;
     assert_eq!(big.status, 413);
-    assert_eq!(
-        big.headers.get("connection").map(|v| v.to_str().unwrap()),
-        Some("close")
+    assert_eq!(big.headers.get("connection"), None);
+    // A huge declared body is refused unread: the answer comes before any of it is sent
+    // and closes the connection, and says so (a client pool must not reuse it).
+    let huge = raw_exchange(
+        &r,
+        "PUT /v1/kv/k HTTP/1.1\r\nhost: x\r\ncontent-length: 104857600\r\n\r\n",
+    )
+    .await;
+    assert!(huge.starts_with("HTTP/1.1 413"), "{huge}");
+    assert!(
+        huge.to_ascii_lowercase().contains("connection: close"),
+        "{huge}"
     );
+    assert!(huge.contains("value_too_large"), "{huge}");
     // Node-side limits, straight at the node.
     let big = http
         .req(Method::PUT, &node, "/v1/kv/k", &[], vec![b'x'; 1001])
@@ -537,4 +547,17 @@ async fn playground_refuses_bad_starts_clearly() {
     ]);
     assert!(err.contains("minInSync"), "{err}");
     drop(tmp2);
+}
+
+/// Sends `request` as raw bytes and reads the answer until the server closes.
+async fn raw_exchange(addr: &str, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("the server closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
 }
