@@ -276,7 +276,7 @@ pub fn condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
 
 /// A refused body up to this size is read and thrown away before the 413 goes out, so the
 /// client, still sending, reads the answer instead of a reset connection.
-pub const DRAIN_LIMIT: u64 = 8 << 20;
+const DRAIN_LIMIT: u64 = 8 << 20;
 
 /// Reads a request body of at most `limit` bytes, answering 413 beyond. A declared
 /// oversized body is drained when it is at most [`DRAIN_LIMIT`] and the connection stays

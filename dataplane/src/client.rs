@@ -450,14 +450,15 @@ impl NodeConnections {
             for (k, v) in req.headers {
                 headers.insert(k.clone(), v.clone());
             }
-            conn.send.send_request(request).await.map_err(|e| {
-                // The connection is suspect: the next request makes a new one.
-                self.forget(addr);
-                ClientError::Transport {
+            // A failed request leaves the connection alone: one that broke reports itself
+            // closed, and `connection` replaces it on the next request.
+            conn.send
+                .send_request(request)
+                .await
+                .map_err(|e| ClientError::Transport {
                     addr: addr.to_string(),
                     message: error_chain(&e),
-                }
-            })
+                })
         };
         tokio::time::timeout(timeout, call)
             .await
@@ -519,10 +520,6 @@ impl NodeConnections {
             body: Bytes::new(),
         };
         std::mem::size_of_val(&self.send("127.0.0.1:1", req, Duration::from_secs(1)))
-    }
-
-    fn forget(&self, addr: &str) {
-        self.conns.write().unwrap().remove(addr);
     }
 }
 
