@@ -437,14 +437,19 @@ pub async fn stream_to_follower(
             NextStep::From(n) => n,
         };
         next = step;
+        // Whatever is staged from here on wakes the wait below; what is staged now, this
+        // round sends.
+        changes.borrow_and_update();
         let result = replicate_once(&leadership, &peer, &http, &cfg, next).await;
         match result {
-            Ok(Sent::Matched { through, sent_any }) => {
+            Ok(Sent::Matched { through, .. }) => {
                 leadership.record_ack(&peer.id, through);
                 next = through + 1;
                 backoff = Duration::from_millis(20);
-                if !sent_any {
-                    // Level with the leader: wait for new entries or the heartbeat.
+                if store.staged().last.seq <= through {
+                    // Level with the leader: wait for new entries rather than send an
+                    // empty round (the commit point reaches the follower with the next
+                    // batch or the heartbeat).
                     let _ = tokio::time::timeout(cfg.heartbeat, changes.changed()).await;
                 }
             }
@@ -476,7 +481,6 @@ pub async fn stream_to_follower(
 enum Sent {
     Matched {
         through: u64,
-        sent_any: bool,
     },
     Mismatch {
         prev: Position,
@@ -561,7 +565,6 @@ async fn replicate_once(
         // divergent suffix that the next batch will cut.
         AppendOutcome::Appended { .. } => Sent::Matched {
             through: prev_seq + n,
-            sent_any: n > 0,
         },
         AppendOutcome::Mismatch { last, conflict } => Sent::Mismatch {
             prev,

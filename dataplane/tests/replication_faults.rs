@@ -93,6 +93,42 @@ async fn kill9_mid_batch_keeps_every_acknowledged_write() {
     );
 }
 
+/// Replicate requests a node has answered, from its metrics.
+async fn replicate_rounds(http: &Http, addr: &str) -> u64 {
+    let r = http.get(addr, "/metrics").await;
+    String::from_utf8_lossy(&r.body)
+        .lines()
+        .filter(|l| l.starts_with("distkv_http_requests_total{route=\"/internal/replicate\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A follower that keeps up gets one replicate round per batch: the leader does not follow
+/// each batch with empty rounds. With one write at a time, the rounds are the writes plus
+/// at most one heartbeat per 100 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_level_follower_gets_one_round_per_batch() {
+    const WRITES: u64 = 100;
+    let shard = Shard::start(2, AckMode::Sync, &[]);
+    shard.assign(0, 1, &[0, 1]).await;
+    let (leader, follower) = (&shard.nodes[0].addr, &shard.nodes[1].addr);
+    let http = Http::default();
+    // The first sync write returns once the follower has caught up.
+    assert!(http.put(leader, "warm-up", "v").await.status.is_success());
+    let before = replicate_rounds(&http, follower).await;
+    let started = Instant::now();
+    for i in 0..WRITES {
+        let r = http.put(leader, &format!("k{i}"), "v").await;
+        assert!(r.status.is_success(), "k{i}: {}", r.status);
+    }
+    let heartbeats = started.elapsed().as_millis() as u64 / 100 + 2;
+    let rounds = replicate_rounds(&http, follower).await - before;
+    assert!(
+        rounds >= WRITES && rounds <= WRITES + heartbeats,
+        "{rounds} replicate rounds for {WRITES} sequential writes (at most {heartbeats} heartbeats)"
+    );
+}
+
 /// A follower killed with -9 misses 5,000 writes; restarted, it catches up from the
 /// leader's log and ends with the same digest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
