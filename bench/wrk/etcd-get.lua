@@ -4,18 +4,13 @@ local c = dofile(dir .. "common.lua")
 
 setup = c.setup
 done = c.done
-
-local bodies = {}
+request = c.request
 
 function init(args)
   c.parse_args(args)
   c.seed()
-  for i = 0, c.keys - 1 do
-    bodies[i] = string.format('{"key":"%s"}', c.base64(c.key(i)))
-  end
-end
-
-function request()
-  return wrk.format("POST", "/v3/kv/range", { ["Content-Type"] = "application/json" },
-    bodies[math.random(0, c.keys - 1)])
+  c.prepare(function(i)
+    return wrk.format("POST", "/v3/kv/range", { ["Content-Type"] = "application/json" },
+      string.format('{"key":"%s"}', c.base64(c.key(i))))
+  end)
 end

@@ -4,20 +4,14 @@ local c = dofile(dir .. "common.lua")
 
 setup = c.setup
 done = c.done
+request = c.request
 
-local bodies = {}
-
--- Encoding in Lua per request would make wrk's CPU the bottleneck; precompute per thread.
 function init(args)
   c.parse_args(args)
   c.seed()
-  for i = 0, c.keys - 1 do
+  c.prepare(function(i)
     local key = c.key(i)
-    bodies[i] = string.format('{"key":"%s","value":"%s"}', c.base64(key), c.base64(c.value(key, c.value_size)))
-  end
-end
-
-function request()
-  return wrk.format("POST", "/v3/kv/put", { ["Content-Type"] = "application/json" },
-    bodies[math.random(0, c.keys - 1)])
+    return wrk.format("POST", "/v3/kv/put", { ["Content-Type"] = "application/json" },
+      string.format('{"key":"%s","value":"%s"}', c.base64(key), c.base64(c.value(key, c.value_size))))
+  end)
 end

@@ -4,12 +4,10 @@ local c = dofile(dir .. "common.lua")
 
 setup = c.setup
 done = c.done
+request = c.request
 
 function init(args)
   c.parse_args(args)
   c.seed()
-end
-
-function request()
-  return wrk.format("GET", "/v1/kv/" .. c.random_key())
+  c.prepare(function(i) return wrk.format("GET", "/v1/kv/" .. c.key(i)) end)
 end

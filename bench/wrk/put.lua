@@ -4,13 +4,13 @@ local c = dofile(dir .. "common.lua")
 
 setup = c.setup
 done = c.done
+request = c.request
 
 function init(args)
   c.parse_args(args)
   c.seed()
-end
-
-function request()
-  local key = c.random_key()
-  return wrk.format("PUT", "/v1/kv/" .. key, nil, c.value(key, c.value_size))
+  c.prepare(function(i)
+    local key = c.key(i)
+    return wrk.format("PUT", "/v1/kv/" .. key, nil, c.value(key, c.value_size))
+  end)
 end
