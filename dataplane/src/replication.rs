@@ -442,7 +442,7 @@ pub async fn stream_to_follower(
         changes.borrow_and_update();
         let result = replicate_once(&leadership, &peer, &http, &cfg, next).await;
         match result {
-            Ok(Sent::Matched { through, .. }) => {
+            Ok(Sent::Matched { through }) => {
                 leadership.record_ack(&peer.id, through);
                 next = through + 1;
                 backoff = Duration::from_millis(20);
@@ -519,11 +519,9 @@ async fn replicate_once(
     let prev = Position::new(prev_epoch, prev_seq);
     let leader_last = store.staged().last.seq;
     let entries = if leader_last >= next {
-        let mut entries = store.read_log(next, cfg.max_entries, cfg.max_bytes)?;
-        // A batch staged since `leader_last` was read waits for the next round, so the
-        // request never reaches past the end it names.
-        entries.retain(|e| e.seq <= leader_last);
-        entries
+        // Up to `leader_last` only: a batch staged since it was read waits for the next
+        // round, so the request never reaches past the end it names.
+        store.read_log(next, leader_last, cfg.max_entries, cfg.max_bytes)?
     } else {
         Vec::new()
     };

@@ -493,10 +493,12 @@ impl Store {
         }))
     }
 
-    /// Reads up to `max_entries` log entries (and about `max_bytes`) from `from` on.
+    /// Reads log entries `from..=upto`, at most `max_entries` of them (and about
+    /// `max_bytes`).
     pub fn read_log(
         &self,
         from: u64,
+        upto: u64,
         max_entries: usize,
         max_bytes: usize,
     ) -> Result<Vec<LogEntry>, StoreError> {
@@ -504,7 +506,7 @@ impl Store {
         let table = txn.open_table(LOG)?;
         let mut out = Vec::new();
         let mut bytes = 0;
-        for item in table.range(from..)? {
+        for item in table.range(from..=upto)? {
             let (_, v) = item?;
             let raw = v.value();
             bytes += raw.len();
@@ -517,9 +519,10 @@ impl Store {
         Ok(out)
     }
 
-    /// Epoch of the entry at `seq`, if the log (or its base) still holds it.
+    /// Epoch of the entry at `seq`, if the log (or its base) still holds it, as readers
+    /// of the database see it (see [`Store::staged`]).
     pub fn epoch_at(&self, seq: u64) -> Result<Option<u64>, StoreError> {
-        let state = self.state();
+        let state = self.staged();
         if seq == state.base.seq {
             return Ok(Some(state.base.epoch));
         }
@@ -730,16 +733,7 @@ fn replay(db: &Database, mut st: LogState, batches: Vec<WalBatch>) -> Result<Log
     tracing::info!(batches = pending.len(), from = ?st.last, "replaying the write-ahead log");
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
-    {
-        let mut kv = txn.open_table(KV)?;
-        let mut log = txn.open_table(LOG)?;
-        let mut meta = txn.open_table(META)?;
-        let mut tx = Tx {
-            kv: &mut kv,
-            log: &mut log,
-            st: &mut st,
-            wal: Vec::new(),
-        };
+    in_tables(&txn, &mut st, |tx, _| {
         for batch in pending {
             for record in batch.records {
                 match record {
@@ -751,8 +745,8 @@ fn replay(db: &Database, mut st: LogState, batches: Vec<WalBatch>) -> Result<Log
             }
             tx.st.wal_batch = batch.number;
         }
-        meta.insert(META_STATE, tx.st.encode().as_slice())?;
-    }
+        Ok(())
+    })?;
     txn.commit()?;
     tracing::info!(last = ?st.last, "write-ahead log replayed");
     Ok(st)
@@ -888,17 +882,7 @@ impl Writer {
         } else {
             Durability::None
         })?;
-        let records;
-        {
-            let mut kv = txn.open_table(KV)?;
-            let mut log = txn.open_table(LOG)?;
-            let mut meta = txn.open_table(META)?;
-            let mut tx = Tx {
-                kv: &mut kv,
-                log: &mut log,
-                st,
-                wal: Vec::new(),
-            };
+        let records = in_tables(&txn, st, |tx, meta| {
             for cmd in batch {
                 match cmd {
                     Command::Write {
@@ -957,12 +941,12 @@ impl Writer {
                     Command::Checkpoint { reply } => replies.push(Reply::Unit(reply, Ok(()))),
                 }
             }
-            records = std::mem::take(&mut tx.wal);
+            let records = std::mem::take(&mut tx.wal);
             if !records.is_empty() {
                 tx.st.wal_batch += 1;
             }
-            meta.insert(META_STATE, tx.st.encode().as_slice())?;
-        }
+            Ok(records)
+        })?;
         txn.commit()?;
         self.staged.send_replace(*st);
         let logged = if checkpoint {
@@ -985,6 +969,30 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Runs `work` on the tables of `txn`, then stores the state it leaves: every change,
+/// by the writer or by the replay at open, goes through here.
+fn in_tables<R>(
+    txn: &redb::WriteTransaction,
+    st: &mut LogState,
+    work: impl FnOnce(
+        &mut Tx<'_, '_>,
+        &mut redb::Table<'_, &'static str, &'static [u8]>,
+    ) -> Result<R, StoreError>,
+) -> Result<R, StoreError> {
+    let mut kv = txn.open_table(KV)?;
+    let mut log = txn.open_table(LOG)?;
+    let mut meta = txn.open_table(META)?;
+    let mut tx = Tx {
+        kv: &mut kv,
+        log: &mut log,
+        st,
+        wal: Vec::new(),
+    };
+    let out = work(&mut tx, &mut meta)?;
+    meta.insert(META_STATE, tx.st.encode().as_slice())?;
+    Ok(out)
 }
 
 /// The tables and state of one open write transaction.
