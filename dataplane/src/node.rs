@@ -2,7 +2,6 @@
 //! own slots, and the internal API the leader and the control plane use.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -761,17 +760,12 @@ async fn readyz(State(node): NodeState) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-/// Serves a node on `listener` until `shutdown` resolves; then the writer drains.
+/// Serves a node on `listener` (HTTP, and the routers' [`crate::link`]) until `shutdown`
+/// resolves; then the writer drains.
 pub async fn serve(
     node: Arc<Node>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = node.app();
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    crate::link::serve(listener, node.app(), shutdown).await
 }

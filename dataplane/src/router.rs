@@ -1,6 +1,6 @@
 //! The router (`distkv router`): hashes each key to its slot, forwards the request to the
-//! shard's leader over one shared HTTP/2 connection per node, and retries once when the
-//! leader moved. Stateless apart from the topology the control plane pushes to it.
+//! shard's leader over one shared connection per node (the [`crate::link`]), and retries
+//! once when the leader moved. Stateless apart from the topology the control plane pushes to it.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,11 +15,11 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, he
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{self, ApiError, Limits};
-use crate::client::{AdminClient, ClientError, NodeConnections, NodeRequest};
+use crate::client::{self, AdminClient, ClientError};
+use crate::link::{LinkRequest, Links};
 use crate::metrics::{self, Metrics};
 use crate::slots::{Slot, slot_for};
 use crate::topology::{Role, ShardInfo, Topology, TopologyError};
@@ -71,7 +71,7 @@ impl Routing {
 pub struct Router {
     cfg: RouterConfig,
     routing: RwLock<Arc<Routing>>,
-    nodes: NodeConnections,
+    nodes: Links,
     admin: AdminClient,
     metrics: Arc<Metrics>,
     next_replica: AtomicUsize,
@@ -91,7 +91,7 @@ impl Router {
     pub fn new(cfg: RouterConfig) -> Arc<Router> {
         let router = Arc::new(Router {
             routing: RwLock::new(Arc::new(Routing::new(Topology::default()).expect("empty"))),
-            nodes: NodeConnections::default(),
+            nodes: Links::default(),
             admin: AdminClient::new(Duration::from_millis(500)),
             metrics: Metrics::new(),
             next_replica: AtomicUsize::new(0),
@@ -199,23 +199,19 @@ impl Router {
                 Some(h) => h,
                 None => self.pick(shard, stale)?,
             };
-            let request = NodeRequest {
-                method: method.clone(),
-                path_and_query: path_and_query.clone(),
+            let request = LinkRequest {
+                method: &method,
+                target: path_and_query.as_str(),
                 headers: &fwd,
-                body: body.clone(),
+                body: &body,
             };
             let result = self.nodes.send(&addr, request, self.cfg.timeout).await;
             let retry = attempt == 0;
             match result {
-                Ok(r) if retry && moved(r.status()) => {
+                Ok(r) if retry && moved(r.status) => {
                     self.metrics.retries.inc();
                     self.reload_file();
-                    let body = r.into_body().collect().await.map(|b| b.to_bytes());
-                    hint = body
-                        .ok()
-                        .and_then(|b| api::leader_in_error(&b))
-                        .filter(|h| *h != addr);
+                    hint = api::leader_in_error(&r.body).filter(|h| *h != addr);
                 }
                 Ok(r) => return Ok(into_response(r)),
                 // Nothing was sent on a refused connection, so even a write may go again.
@@ -261,13 +257,12 @@ fn moved(status: StatusCode) -> bool {
     status == StatusCode::MISDIRECTED_REQUEST || status == StatusCode::CONFLICT
 }
 
-/// The node's answer, passed on with its body streaming through.
-fn into_response(r: hyper::Response<hyper::body::Incoming>) -> Response {
-    let (parts, body) = r.into_parts();
-    let mut resp = Response::new(Body::new(body));
-    *resp.status_mut() = parts.status;
+/// The node's answer, passed on.
+fn into_response(r: client::Response) -> Response {
+    let mut resp = Response::new(Body::from(r.body));
+    *resp.status_mut() = r.status;
     for h in FORWARD_RESPONSE {
-        if let Some(v) = parts.headers.get(&h) {
+        if let Some(v) = r.headers.get(&h) {
             resp.headers_mut().insert(h, v.clone());
         }
     }

@@ -1,0 +1,990 @@
+//! The router's link to the replicas: HTTP requests multiplexed on one TCP connection per
+//! node, in a lean frame format, served by the node's own HTTP app on its usual port.
+//!
+//! It replaces HTTP/2 on this one hop because HTTP/2's machinery (HPACK, per-stream state
+//! and flow control) was most of a replica's CPU per GET, and much of the router's, while
+//! the hop needs none of it: both ends are ours, requests are small and whole, and every
+//! answer is buffered anyway. What stays is what the hop does need: many requests in
+//! flight on one connection, answers in any order, and frames from many requests leaving
+//! in one write when they queue up together.
+//!
+//! A connection opens with [`PREFACE`]; a node's listener tells it from HTTP by those
+//! eight bytes, so nodes keep one port. Then frames, `len u32 | payload`:
+//! - request: `id u32 | method (u8 len) | target (u16 len) | headers | body`;
+//! - response: `id u32 | status u16 | headers | body`;
+//! - headers: `count u8`, then per header `name (u8 len) | value (u16 len)`.
+//!
+//! Lengths are big-endian; the body is the rest of the frame. A malformed frame closes
+//! the connection: its peer is a distkv router, so it is a bug, not a client mistake.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use hyper::header::{CONTENT_LENGTH, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, StatusCode, Uri};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+
+use crate::client::{ClientError, Response};
+
+/// First bytes of a link connection; no HTTP request starts like this.
+pub const PREFACE: &[u8; 8] = b"DKVLINK1";
+
+/// Largest frame either end accepts. Frames are read as their bytes arrive, never
+/// allocated up front, so this only bounds what a broken peer can make us hold.
+const MAX_FRAME: usize = 1 << 30;
+
+/// Requests one connection may have in a node's hands at once; past this the node stops
+/// reading until some finish, and TCP pushes back on the router.
+const MAX_IN_FLIGHT: usize = 4096;
+
+/// Capacity kept for the buffers frames are read into and written from.
+const BUFFER: usize = 64 << 10;
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// The frame ended before a field it announced.
+    #[error("frame truncated in its {0}")]
+    Truncated(&'static str),
+    /// A field held a value it may not.
+    #[error("invalid {0} in frame")]
+    Invalid(&'static str),
+    /// The length prefix exceeds [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+}
+
+/// A request for a node, as the router forwards it.
+pub struct LinkRequest<'a> {
+    /// Method.
+    pub method: &'a Method,
+    /// Path and query, passed on as they came.
+    pub target: &'a str,
+    /// Headers to send.
+    pub headers: &'a [(HeaderName, HeaderValue)],
+    /// Body.
+    pub body: &'a [u8],
+}
+
+/// A request as a node decodes it.
+#[derive(Debug)]
+struct Incoming {
+    id: u32,
+    method: Method,
+    target: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+// ---- frames -------------------------------------------------------------------------
+
+/// Appends one request frame to `out`.
+fn put_request(out: &mut BytesMut, id: u32, req: &LinkRequest<'_>) {
+    let at = begin_frame(out, id);
+    put_short(out, req.method.as_str().as_bytes());
+    out.put_u16(req.target.len() as u16);
+    out.put_slice(req.target.as_bytes());
+    put_headers(out, req.headers.iter().map(|(n, v)| (n, v)));
+    out.put_slice(req.body);
+    end_frame(out, at);
+}
+
+/// Appends one response frame to `out`.
+fn put_response(out: &mut BytesMut, id: u32, status: StatusCode, headers: &HeaderMap, body: &[u8]) {
+    let at = begin_frame(out, id);
+    out.put_u16(status.as_u16());
+    put_headers(out, headers.iter());
+    out.put_slice(body);
+    end_frame(out, at);
+}
+
+fn begin_frame(out: &mut BytesMut, id: u32) -> usize {
+    let at = out.len();
+    out.put_u32(0); // the length, filled in by `end_frame`
+    out.put_u32(id);
+    at
+}
+
+fn end_frame(out: &mut BytesMut, at: usize) {
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn put_short(out: &mut BytesMut, bytes: &[u8]) {
+    out.put_u8(bytes.len() as u8);
+    out.put_slice(bytes);
+}
+
+fn put_headers<'h>(
+    out: &mut BytesMut,
+    headers: impl Iterator<Item = (&'h HeaderName, &'h HeaderValue)>,
+) {
+    let count_at = out.len();
+    out.put_u8(0);
+    let mut count = 0u8;
+    for (name, value) in headers {
+        // Names are at most a few dozen bytes and values far below 64 KiB in what the
+        // router and nodes exchange; anything longer is not ours and is left out.
+        if count == u8::MAX || name.as_str().len() > 255 || value.len() > usize::from(u16::MAX) {
+            continue;
+        }
+        put_short(out, name.as_str().as_bytes());
+        out.put_u16(value.len() as u16);
+        out.put_slice(value.as_bytes());
+        count += 1;
+    }
+    out[count_at] = count;
+}
+
+/// Splits the next whole frame's payload off `buf`, if it holds one.
+fn take_frame(buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes(buf[..4].try_into().expect("four bytes")) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    if buf.len() < 4 + len {
+        buf.reserve(4 + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(4);
+    Ok(Some(buf.split_to(len).freeze()))
+}
+
+/// Reads the fields of one frame payload in order.
+struct Fields(Bytes);
+
+impl Fields {
+    fn need(&self, n: usize, what: &'static str) -> Result<(), FrameError> {
+        if self.0.remaining() < n {
+            return Err(FrameError::Truncated(what));
+        }
+        Ok(())
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, FrameError> {
+        self.need(1, what)?;
+        Ok(self.0.get_u8())
+    }
+
+    fn u16(&mut self, what: &'static str) -> Result<u16, FrameError> {
+        self.need(2, what)?;
+        Ok(self.0.get_u16())
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, FrameError> {
+        self.need(4, what)?;
+        Ok(self.0.get_u32())
+    }
+
+    fn bytes(&mut self, n: usize, what: &'static str) -> Result<Bytes, FrameError> {
+        self.need(n, what)?;
+        Ok(self.0.split_to(n))
+    }
+
+    fn headers(&mut self) -> Result<HeaderMap, FrameError> {
+        let count = self.u8("header count")?;
+        let mut headers = HeaderMap::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let len = self.u8("header name")?;
+            let name = self.bytes(usize::from(len), "header name")?;
+            let len = self.u16("header value")?;
+            let value = self.bytes(usize::from(len), "header value")?;
+            let name =
+                HeaderName::from_bytes(&name).map_err(|_| FrameError::Invalid("header name"))?;
+            let value = HeaderValue::from_maybe_shared(value)
+                .map_err(|_| FrameError::Invalid("header value"))?;
+            headers.append(name, value);
+        }
+        Ok(headers)
+    }
+}
+
+fn decode_request(payload: Bytes) -> Result<Incoming, FrameError> {
+    let mut f = Fields(payload);
+    let id = f.u32("id")?;
+    let len = f.u8("method")?;
+    let method = f.bytes(usize::from(len), "method")?;
+    let method = Method::from_bytes(&method).map_err(|_| FrameError::Invalid("method"))?;
+    let len = f.u16("target")?;
+    let target = f.bytes(usize::from(len), "target")?;
+    let target = Uri::from_maybe_shared(target).map_err(|_| FrameError::Invalid("target"))?;
+    if target.scheme().is_some() || target.path_and_query().is_none() {
+        return Err(FrameError::Invalid("target"));
+    }
+    let headers = f.headers()?;
+    Ok(Incoming {
+        id,
+        method,
+        target,
+        headers,
+        body: f.0,
+    })
+}
+
+fn decode_response(payload: Bytes) -> Result<(u32, Response), FrameError> {
+    let mut f = Fields(payload);
+    let id = f.u32("id")?;
+    let status =
+        StatusCode::from_u16(f.u16("status")?).map_err(|_| FrameError::Invalid("status"))?;
+    let headers = f.headers()?;
+    Ok((
+        id,
+        Response {
+            status,
+            headers,
+            body: f.0,
+        },
+    ))
+}
+
+// ---- writing ------------------------------------------------------------------------
+
+/// Frames waiting for the connection's writer task. Senders append under a short lock and
+/// wake the writer, which takes everything queued at once: under load many frames leave
+/// in one write.
+struct Outbox {
+    queued: Mutex<Queued>,
+    wake: Notify,
+}
+
+struct Queued {
+    bytes: BytesMut,
+    closed: bool,
+}
+
+impl Outbox {
+    fn new() -> Arc<Outbox> {
+        Arc::new(Outbox {
+            queued: Mutex::new(Queued {
+                bytes: BytesMut::with_capacity(BUFFER),
+                closed: false,
+            }),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Queues a frame written by `put`; false (and nothing queued) once closed.
+    fn push(&self, put: impl FnOnce(&mut BytesMut)) -> bool {
+        let mut q = self.queued.lock().unwrap();
+        if q.closed {
+            return false;
+        }
+        put(&mut q.bytes);
+        drop(q);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Refuses new frames; the writer sends what is queued, then ends the stream.
+    fn close(&self) {
+        self.queued.lock().unwrap().closed = true;
+        self.wake.notify_one();
+    }
+
+    /// The writer task: until closed, writes whatever is queued.
+    async fn run(self: Arc<Self>, mut wr: OwnedWriteHalf) -> std::io::Result<()> {
+        let mut spare = BytesMut::with_capacity(BUFFER);
+        loop {
+            self.wake.notified().await;
+            let closed = {
+                let mut q = self.queued.lock().unwrap();
+                std::mem::swap(&mut q.bytes, &mut spare);
+                q.closed
+            };
+            if !spare.is_empty() {
+                let written = wr.write_all(&spare).await;
+                if written.is_err() {
+                    self.close();
+                }
+                written?;
+                spare.clear();
+                if spare.capacity() > 16 * BUFFER {
+                    // One large value should not pin a large buffer for good.
+                    spare = BytesMut::with_capacity(BUFFER);
+                }
+            }
+            if closed {
+                return wr.shutdown().await;
+            }
+        }
+    }
+}
+
+// ---- the router's side ----------------------------------------------------------------
+
+/// The router's links, one per node address, made on first use and replaced when broken.
+#[derive(Default)]
+pub struct Links {
+    links: RwLock<HashMap<String, Arc<Link>>>,
+}
+
+/// One connection to a node.
+struct Link {
+    outbox: Arc<Outbox>,
+    waiting: Mutex<HashMap<u32, oneshot::Sender<Response>>>,
+    next_id: AtomicU32,
+}
+
+impl Link {
+    fn is_closed(&self) -> bool {
+        self.outbox.queued.lock().unwrap().closed
+    }
+
+    /// Fails every request still waiting: their answers will not come.
+    fn fail_all(&self) {
+        self.outbox.close();
+        self.waiting.lock().unwrap().clear();
+    }
+}
+
+/// Removes a request's entry when its caller stops waiting (answer, timeout or the
+/// client going away), so a dead request leaves nothing behind.
+struct Waiting<'a> {
+    link: &'a Link,
+    id: u32,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.link.waiting.lock().unwrap().remove(&self.id);
+    }
+}
+
+impl Links {
+    /// Sends `req` to the node at `addr` and waits for its answer, within `timeout`.
+    /// A connection that cannot be made is [`ClientError::Connect`]: nothing was sent.
+    pub async fn send(
+        &self,
+        addr: &str,
+        req: LinkRequest<'_>,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        let call = async {
+            // A link found closed has sent nothing of this request; one fresh try.
+            for _ in 0..2 {
+                let link = self.link(addr).await?;
+                let id = link.next_id.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = oneshot::channel();
+                link.waiting.lock().unwrap().insert(id, tx);
+                let waiting = Waiting { link: &link, id };
+                if !link.outbox.push(|out| put_request(out, id, &req)) {
+                    continue;
+                }
+                let answer = rx.await;
+                drop(waiting);
+                return answer.map_err(|_| ClientError::Transport {
+                    addr: addr.to_string(),
+                    message: "connection to the node closed before it answered".into(),
+                });
+            }
+            Err(ClientError::Connect {
+                addr: addr.to_string(),
+                message: "connection closed as it was made".into(),
+            })
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| ClientError::Timeout(addr.to_string()))?
+    }
+
+    async fn link(&self, addr: &str) -> Result<Arc<Link>, ClientError> {
+        if let Some(link) = self.links.read().unwrap().get(addr)
+            && !link.is_closed()
+        {
+            return Ok(link.clone());
+        }
+        // Boxed: the connect's state would otherwise be part of every request's future.
+        Box::pin(self.connect(addr)).await
+    }
+
+    async fn connect(&self, addr: &str) -> Result<Arc<Link>, ClientError> {
+        let connect_error = |message: String| ClientError::Connect {
+            addr: addr.to_string(),
+            message,
+        };
+        let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+            .await
+            .map_err(|_| connect_error("connect timed out".into()))?
+            .map_err(|e| connect_error(e.to_string()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| connect_error(e.to_string()))?;
+        let (rd, wr) = stream.into_split();
+        let link = Arc::new(Link {
+            outbox: Outbox::new(),
+            waiting: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(0),
+        });
+        link.outbox.push(|out| out.put_slice(PREFACE));
+        tokio::spawn(link.outbox.clone().run(wr));
+        tokio::spawn(read_answers(link.clone(), rd, addr.to_string()));
+        let mut links = self.links.write().unwrap();
+        // Nodes that moved leave closed links behind; drop them here, where a new one is
+        // made anyway.
+        links.retain(|_, l| !l.is_closed());
+        links.insert(addr.to_string(), link.clone());
+        Ok(link)
+    }
+}
+
+/// The router's reader task of one link: hands each answer to the request waiting for it.
+async fn read_answers(link: Arc<Link>, mut rd: OwnedReadHalf, addr: String) {
+    let mut buf = BytesMut::with_capacity(BUFFER);
+    let result: Result<(), String> = async {
+        loop {
+            while let Some(payload) = take_frame(&mut buf).map_err(|e| e.to_string())? {
+                let (id, answer) = decode_response(payload).map_err(|e| e.to_string())?;
+                if let Some(tx) = link.waiting.lock().unwrap().remove(&id) {
+                    let _ = tx.send(answer);
+                }
+            }
+            if rd.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                return Err("closed by the node".into());
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(node = %addr, reason = %e, "link closed");
+    }
+    link.fail_all();
+}
+
+// ---- the node's side ------------------------------------------------------------------
+
+/// Serves `app` on `listener` until `shutdown` resolves: HTTP/1.1 and HTTP/2 to anyone,
+/// and the link to routers, told apart by their first bytes. Then it stops accepting and
+/// returns once every request in progress has been answered.
+pub async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    let (stop_tx, stop) = watch::channel(false);
+    let (http_tx, http_rx) = mpsc::channel(64);
+    // Each link connection holds a clone; `recv` ends once all of them have drained.
+    let (live_tx, mut live_rx) = mpsc::channel::<Infallible>(1);
+    let acceptor = tokio::spawn(accept(
+        listener,
+        app.clone(),
+        http_tx,
+        stop.clone(),
+        live_tx,
+    ));
+    let http = HttpConnections { rx: http_rx, local };
+    let result = axum::serve(http, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    acceptor.abort();
+    let _ = acceptor.await;
+    while live_rx.recv().await.is_some() {}
+    result
+}
+
+/// Accepts connections, sends HTTP ones on to axum and serves link ones itself.
+async fn accept(
+    listener: TcpListener,
+    app: axum::Router,
+    http: mpsc::Sender<(TcpStream, SocketAddr)>,
+    stop: watch::Receiver<bool>,
+    live: mpsc::Sender<Infallible>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors and the like: wait rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (app, http, mut stop, live) = (app.clone(), http.clone(), stop.clone(), live.clone());
+        tokio::spawn(async move {
+            let kind = tokio::select! {
+                kind = is_link(&stream) => kind,
+                // A connection that never said anything does not hold up shutdown.
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match kind {
+                Ok(true) => {
+                    serve_link(stream, app, stop).await;
+                    drop(live);
+                }
+                Ok(false) => {
+                    let _ = http.send((stream, peer)).await;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, %peer, "connection failed before its first bytes")
+                }
+            }
+        });
+    }
+}
+
+/// Whether the connection starts with [`PREFACE`]. Reads nothing: HTTP goes on intact.
+async fn is_link(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut first = [0u8; PREFACE.len()];
+    // A preface split over packets shows up in pieces; give it a little time to complete.
+    for _ in 0..200 {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 || first[..n] != PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == PREFACE.len() {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(false)
+}
+
+/// axum's view of the listener: only the connections that speak HTTP.
+struct HttpConnections {
+    rx: mpsc::Receiver<(TcpStream, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for HttpConnections {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        match self.rx.recv().await {
+            Some(accepted) => accepted,
+            // The acceptor is gone only at shutdown, when axum stops asking.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+/// Serves one link connection. Its requests run through `app` together in this one task,
+/// so the answers of everything that finishes at once (reads, mostly) leave in one write;
+/// writes waiting for their commit stay in flight meanwhile. At `stop` it reads no more
+/// and answers what it has.
+async fn serve_link(stream: TcpStream, app: axum::Router, mut stop: watch::Receiver<bool>) {
+    let peer = stream.peer_addr().ok();
+    let (mut rd, wr) = stream.into_split();
+    let outbox = Outbox::new();
+    let writer = tokio::spawn(outbox.clone().run(wr));
+    let mut answering = FuturesUnordered::new();
+    let mut ready = BytesMut::with_capacity(BUFFER);
+    let mut buf = BytesMut::with_capacity(BUFFER);
+    let result: Result<(), String> = async {
+        // The preface was only peeked.
+        buf.resize(PREFACE.len(), 0);
+        rd.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+        buf.clear();
+        loop {
+            while answering.len() < MAX_IN_FLIGHT {
+                let Some(payload) = take_frame(&mut buf).map_err(|e| e.to_string())? else {
+                    break;
+                };
+                let req = decode_request(payload).map_err(|e| e.to_string())?;
+                answering.push(answer(app.clone(), req));
+            }
+            tokio::select! {
+                Some(first) = answering.next(), if !answering.is_empty() => {
+                    put_answer(&mut ready, first);
+                    while let Some(Some(more)) = answering.next().now_or_never() {
+                        put_answer(&mut ready, more);
+                    }
+                    outbox.push(|out| out.extend_from_slice(&ready));
+                    ready.clear();
+                }
+                n = rd.read_buf(&mut buf), if answering.len() < MAX_IN_FLIGHT => {
+                    if n.map_err(|e| e.to_string())? == 0 {
+                        return Ok(());
+                    }
+                }
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(?peer, error = %e, "link connection dropped");
+    }
+    // Everything read gets its answer before the connection ends.
+    while let Some(done) = answering.next().await {
+        outbox.push(|out| put_answer(out, done));
+    }
+    outbox.close();
+    let _ = writer.await;
+}
+
+fn put_answer(out: &mut BytesMut, (id, status, headers, body): Answer) {
+    put_response(out, id, status, &headers, &body);
+}
+
+/// A request's id and the node's answer to it.
+type Answer = (u32, StatusCode, HeaderMap, Bytes);
+
+/// Runs one request through the node's app and buffers the answer.
+async fn answer(mut app: axum::Router, req: Incoming) -> Answer {
+    let id = req.id;
+    let length = HeaderValue::from(req.body.len());
+    let mut request = Request::new(Body::from(req.body));
+    *request.method_mut() = req.method;
+    *request.uri_mut() = req.target;
+    *request.headers_mut() = req.headers;
+    // As over HTTP, where the body's length always comes declared.
+    request.headers_mut().insert(CONTENT_LENGTH, length);
+    let response = match tower_service::Service::call(&mut app, request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let (parts, body) = response.into_parts();
+    match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(body) => (id, parts.status, parts.headers, body),
+        Err(e) => {
+            tracing::error!(error = %e, "answer body failed");
+            (
+                id,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                HeaderMap::new(),
+                Bytes::new(),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request_frame(id: u32, method: &Method, target: &str, body: &[u8]) -> BytesMut {
+        let headers = [(hyper::header::IF_MATCH, HeaderValue::from_static("\"1-2\""))];
+        let mut out = BytesMut::new();
+        put_request(
+            &mut out,
+            id,
+            &LinkRequest {
+                method,
+                target,
+                headers: &headers,
+                body,
+            },
+        );
+        out
+    }
+
+    #[test]
+    fn a_request_survives_the_round_trip() {
+        let mut buf = request_frame(7, &Method::PUT, "/v1/kv/a%20b?x=1", b"value");
+        let payload = take_frame(&mut buf).unwrap().unwrap();
+        assert!(buf.is_empty());
+        let req = decode_request(payload).unwrap();
+        assert_eq!(req.id, 7);
+        assert_eq!(req.method, Method::PUT);
+        assert_eq!(req.target, "/v1/kv/a%20b?x=1");
+        assert_eq!(req.headers.get(hyper::header::IF_MATCH).unwrap(), "\"1-2\"");
+        assert_eq!(req.headers.len(), 1);
+        assert_eq!(&req.body[..], b"value");
+    }
+
+    #[test]
+    fn a_response_survives_the_round_trip() {
+        let mut headers = HeaderMap::new();
+        headers.insert(hyper::header::ETAG, HeaderValue::from_static("\"3-9\""));
+        headers.insert(
+            hyper::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        let mut buf = BytesMut::new();
+        put_response(&mut buf, u32::MAX, StatusCode::CREATED, &headers, b"");
+        let (id, resp) = decode_response(take_frame(&mut buf).unwrap().unwrap()).unwrap();
+        assert_eq!(id, u32::MAX);
+        assert_eq!(resp.status, StatusCode::CREATED);
+        assert_eq!(resp.headers, headers);
+        assert!(resp.body.is_empty());
+    }
+
+    #[test]
+    fn frames_are_taken_only_when_whole_and_in_order() {
+        let mut stream = request_frame(1, &Method::GET, "/get?key=a", b"");
+        stream.extend_from_slice(&request_frame(2, &Method::POST, "/put", b"{}"));
+        let whole = stream.clone();
+        // Fed a byte at a time, exactly the two frames come out, each when complete.
+        let mut buf = BytesMut::new();
+        let mut ids = Vec::new();
+        for (i, b) in whole.iter().enumerate() {
+            buf.put_u8(*b);
+            while let Some(p) = take_frame(&mut buf).unwrap() {
+                ids.push((i, decode_request(p).unwrap().id));
+            }
+        }
+        let first_len = request_frame(1, &Method::GET, "/get?key=a", b"").len();
+        assert_eq!(ids, vec![(first_len - 1, 1), (whole.len() - 1, 2)]);
+    }
+
+    #[test]
+    fn malformed_frames_are_refused() {
+        let whole = request_frame(1, &Method::GET, "/v1/kv/k", b"");
+        // Every cut inside the header fields is a truncation, never a panic.
+        for cut in 4..whole.len() {
+            let payload = Bytes::copy_from_slice(&whole[4..cut]);
+            assert!(
+                matches!(decode_request(payload), Err(FrameError::Truncated(_))),
+                "cut at {cut}"
+            );
+        }
+        let mut big = BytesMut::new();
+        big.put_u32(MAX_FRAME as u32 + 1);
+        assert_eq!(
+            take_frame(&mut big),
+            Err(FrameError::TooLarge(MAX_FRAME + 1))
+        );
+        let absolute = request_frame(1, &Method::GET, "http://elsewhere/v1/kv/k", b"");
+        let payload = Bytes::copy_from_slice(&absolute[4..]);
+        assert_eq!(
+            decode_request(payload).unwrap_err(),
+            FrameError::Invalid("target")
+        );
+        let mut bad_method = BytesMut::new();
+        bad_method.put_u32(1);
+        put_short(&mut bad_method, b"GE T");
+        assert_eq!(
+            decode_request(bad_method.freeze()).unwrap_err(),
+            FrameError::Invalid("method")
+        );
+    }
+
+    #[test]
+    fn a_request_to_a_node_is_a_small_future() {
+        // The router allocates and moves one of these per request; a connect inlined
+        // into it once made it several kilobytes.
+        let links = Links::default();
+        let req = LinkRequest {
+            method: &Method::GET,
+            target: "/",
+            headers: &[],
+            body: b"",
+        };
+        let size = std::mem::size_of_val(&links.send("127.0.0.1:1", req, Duration::from_secs(1)));
+        assert!(size <= 1024, "Links::send future is {size} bytes");
+    }
+
+    /// A node that answers each request with its target, in reverse order of arrival.
+    async fn echo_node() -> (String, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let app = axum::Router::new().fallback(|uri: Uri, body: Bytes| async move {
+            if uri.path() == "/slow" {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            format!("{} {}", uri, body.len())
+        });
+        let server = tokio::spawn(async move {
+            serve(listener, app, std::future::pending()).await.unwrap();
+        });
+        (addr, server)
+    }
+
+    fn get<'a>(target: &'a str) -> LinkRequest<'a> {
+        LinkRequest {
+            method: &Method::GET,
+            target,
+            headers: &[],
+            body: b"",
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_find_their_requests_whatever_their_order() {
+        let (addr, _server) = echo_node().await;
+        let links = Arc::new(Links::default());
+        let slow = {
+            let (links, addr) = (links.clone(), addr.clone());
+            tokio::spawn(async move {
+                links
+                    .send(&addr, get("/slow"), Duration::from_secs(5))
+                    .await
+            })
+        };
+        let mut fast = Vec::new();
+        for i in 0..200 {
+            let (links, addr) = (links.clone(), addr.clone());
+            fast.push(tokio::spawn(async move {
+                let target = format!("/k/{i}");
+                let body = vec![b'x'; i];
+                let req = LinkRequest {
+                    method: &Method::PUT,
+                    target: &target,
+                    headers: &[],
+                    body: &body,
+                };
+                let resp = links
+                    .send(&addr, req, Duration::from_secs(5))
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status, StatusCode::OK);
+                assert_eq!(resp.body, format!("/k/{i} {i}"));
+            }));
+        }
+        for f in fast {
+            f.await.unwrap();
+        }
+        let slow = slow.await.unwrap().unwrap();
+        assert_eq!(slow.body, "/slow 0");
+        // One connection carried them all.
+        assert_eq!(links.links.read().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_same_port_still_speaks_http() {
+        let (addr, _server) = echo_node().await;
+        let http = crate::client::HttpClient::new();
+        let resp = http
+            .get(&addr, "/over/http", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(resp.status, StatusCode::OK);
+        assert_eq!(resp.body, "/over/http 0");
+    }
+
+    #[tokio::test]
+    async fn a_node_that_is_not_there_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let err = Links::default()
+            .send(&addr, get("/"), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_node_that_dies_mid_request_fails_it_and_the_next_one_reconnects() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        // Takes the connection and the request, then hangs up without an answer.
+        let node = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut first = [0u8; 16];
+            s.read_exact(&mut first).await.unwrap();
+            assert_eq!(&first[..8], PREFACE);
+            drop(s);
+            listener
+        });
+        let links = Links::default();
+        let err = links
+            .send(&addr, get("/"), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Transport { .. }), "{err:?}");
+        assert!(
+            links.links.read().unwrap()[&addr]
+                .waiting
+                .lock()
+                .unwrap()
+                .is_empty()
+        );
+        // A real node on the same port now: the broken link is replaced.
+        let listener = node.await.unwrap();
+        let app = axum::Router::new().fallback(|| async { "back" });
+        tokio::spawn(serve(listener, app, std::future::pending()));
+        let resp = links
+            .send(&addr, get("/"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(resp.body, "back");
+    }
+
+    #[tokio::test]
+    async fn a_silent_node_times_out_and_leaves_nothing_waiting() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let _hold = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            std::future::pending::<()>().await;
+            drop(s);
+        });
+        let links = Links::default();
+        let err = links
+            .send(&addr, get("/"), Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Timeout(_)), "{err:?}");
+        assert!(
+            links.links.read().unwrap()[&addr]
+                .waiting
+                .lock()
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn garbage_after_the_preface_closes_only_that_connection() {
+        let (addr, _server) = echo_node().await;
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(PREFACE).await.unwrap();
+        s.write_all(&[0, 0, 0, 3, 1, 2, 3]).await.unwrap();
+        let mut rest = Vec::new();
+        // The node hangs up (end of stream) instead of answering or hanging.
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .expect("the node closes the connection")
+            .unwrap();
+        assert_eq!(n, 0);
+        let resp = Links::default()
+            .send(&addr, get("/still/fine"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(resp.body, "/still/fine 0");
+    }
+
+    #[tokio::test]
+    async fn shutdown_answers_what_was_read_before_closing() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let app = axum::Router::new().fallback(|| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            "finished"
+        });
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, app, async move {
+            let _ = stop_rx.await;
+        }));
+        let links = Arc::new(Links::default());
+        let call = {
+            let (links, addr) = (links.clone(), addr.clone());
+            tokio::spawn(async move { links.send(&addr, get("/"), Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop_tx.send(()).unwrap();
+        let resp = call.await.unwrap().unwrap();
+        assert_eq!(resp.body, "finished");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("serve returns after draining")
+            .unwrap()
+            .unwrap();
+    }
+}
