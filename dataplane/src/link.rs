@@ -301,6 +301,8 @@ impl Outbox {
         let mut spare = BytesMut::with_capacity(BUFFER);
         loop {
             self.wake.notified().await;
+            // Let the tasks that are ready queue their frames too: one write for them all.
+            tokio::task::yield_now().await;
             let closed = {
                 let mut q = self.queued.lock().unwrap();
                 std::mem::swap(&mut q.bytes, &mut spare);
