@@ -231,46 +231,74 @@ pub fn key_from_path(path: &str, limits: &Limits) -> Result<Bytes, ApiError> {
     Ok(Bytes::from(key))
 }
 
-/// The value of a query parameter, percent-decoded.
-pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    form_urlencoded::parse(query?.as_bytes())
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.into_owned())
+/// The bytes of a query parameter, decoded by the form rules (`+` is a space, `%XX` a
+/// byte). Bytes, not text: a lossy conversion would turn different keys into one.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<Vec<u8>> {
+    let decode = |s: &str| -> Vec<u8> {
+        percent_encoding::percent_decode_str(&s.replace('+', " ")).collect()
+    };
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (decode(k) == name.as_bytes()).then(|| decode(v))
+    })
 }
 
 /// Whether the request asks for `consistency=stale`.
 pub fn wants_stale(query: Option<&str>) -> bool {
-    query_param(query, "consistency").as_deref() == Some("stale")
+    query_param(query, "consistency").as_deref() == Some(b"stale")
 }
 
 /// The write precondition from `If-Match` / `If-None-Match`.
 pub fn condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
-    let if_match = headers.get(header::IF_MATCH).map(|v| v.to_str());
-    let if_none = headers.get(header::IF_NONE_MATCH).map(|v| v.to_str());
-    match (if_match, if_none) {
-        (Some(_), Some(_)) => Err(ApiError::bad_request(
-            "invalid_precondition",
-            "use either If-Match or If-None-Match, not both",
-        )),
-        (Some(Ok(v)), None) if v.trim() == "*" => Ok(Condition::IfExists),
-        (Some(Ok(v)), None) => Position::parse_etag(v)
-            .map(Condition::IfMatch)
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_precondition",
-                    format!("If-Match must be an ETag such as \"1-42\" or *, not {v}"),
-                )
-            }),
-        (None, Some(Ok(v))) if v.trim() == "*" => Ok(Condition::IfAbsent),
-        (None, Some(_)) => Err(ApiError::bad_request(
-            "invalid_precondition",
-            "If-None-Match supports only * (create-only)",
-        )),
-        (Some(Err(_)), _) => Err(ApiError::bad_request(
-            "invalid_precondition",
-            "If-Match is not valid text",
-        )),
+    let bad = |message: String| ApiError::bad_request("invalid_precondition", message);
+    // One header with one value: a store with one version per key has nothing to match a
+    // list against, and a second header must not be ignored silently.
+    let single = |name: &header::HeaderName| -> Result<Option<&str>, ApiError> {
+        let mut values = headers.get_all(name).iter();
+        let Some(value) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            return Err(bad(format!("send one {name} header, not several")));
+        }
+        let text = value
+            .to_str()
+            .map_err(|_| bad(format!("{name} is not valid text")))?;
+        Ok(Some(text.trim()))
+    };
+    match (single(&header::IF_MATCH)?, single(&header::IF_NONE_MATCH)?) {
+        (Some(_), Some(_)) => Err(bad("use either If-Match or If-None-Match, not both".into())),
+        (Some("*"), None) => Ok(Condition::IfExists),
+        (Some(v), None) => strong_etag(v).map(Condition::IfMatch).ok_or_else(|| {
+            bad(format!(
+                "If-Match must be one strong ETag such as \"1-42\", or *; got {}",
+                excerpt(v)
+            ))
+        }),
+        (None, Some("*")) => Ok(Condition::IfAbsent),
+        (None, Some(_)) => Err(bad("If-None-Match supports only * (create-only)".into())),
         (None, None) => Ok(Condition::None),
+    }
+}
+
+/// A strong ETag as distkv issues them: `"epoch-seq"`, quotes included. A weak one
+/// (`W/"…"`) never matches for `If-Match` (RFC 9110), so it is refused, not compared.
+fn strong_etag(v: &str) -> Option<Position> {
+    let (epoch, seq) = v.strip_prefix('"')?.strip_suffix('"')?.split_once('-')?;
+    let number = |s: &str| {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    Some(Position::new(number(epoch)?, number(seq)?))
+}
+
+/// The start of a client's text, for an error message that must stay short.
+fn excerpt(v: &str) -> String {
+    const MAX: usize = 64;
+    match v.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &v[..cut]),
+        None => v.to_owned(),
     }
 }
 
@@ -288,7 +316,10 @@ pub async fn read_body(
     what: &str,
 ) -> Result<Bytes, ApiError> {
     let too_large = |len: Option<u64>, close: bool| {
-        let size = len.map(|l| format!("{l} bytes")).unwrap_or("more".into());
+        let size = match len {
+            Some(l) => format!("{l} bytes"),
+            None => format!("more than {limit} bytes"),
+        };
         let mut e = ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             if what == "value" {
@@ -359,12 +390,30 @@ pub fn parse_demo_put(body: &[u8], limits: &Limits) -> Result<DemoPut, ApiError>
     Ok(put)
 }
 
-/// The demo API's `key` query parameter, checked.
+/// The demo API's `key` query parameter, checked. The demo's keys are text, so one that
+/// is not UTF-8 is refused rather than read as some other key.
 pub fn demo_key(query: Option<&str>, limits: &Limits) -> Result<Bytes, ApiError> {
     let key = query_param(query, "key")
         .ok_or_else(|| ApiError::bad_request("missing_key", "Missing key: use ?key=NAME"))?;
-    check_key(key.as_bytes(), limits)?;
+    if std::str::from_utf8(&key).is_err() {
+        return Err(ApiError::bad_request(
+            "invalid_key",
+            "the demo API takes text keys and this one is not valid UTF-8; binary keys go through /v1/kv/",
+        ));
+    }
+    check_key(&key, limits)?;
     Ok(Bytes::from(key))
+}
+
+/// A key as text for a JSON answer: itself when it is UTF-8, else percent-encoded, so
+/// different keys never read the same.
+pub fn key_text(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(text) => text.to_owned(),
+        Err(_) => {
+            percent_encoding::percent_encode(key, percent_encoding::NON_ALPHANUMERIC).to_string()
+        }
+    }
 }
 
 /// `/v1/kv/` with nothing after it: the key is empty, whatever the method.
@@ -410,7 +459,7 @@ pub fn etag_header(version: Position) -> HeaderValue {
 /// Answer to a v1 PUT.
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PutResult {
-    /// The key written.
+    /// The key written; percent-encoded when it is not UTF-8.
     pub key: String,
     /// Its new version (the ETag without quotes).
     pub version: String,
@@ -445,11 +494,63 @@ mod tests {
             condition(&h).unwrap(),
             Condition::IfMatch(Position::new(3, 17))
         );
-        h.insert(header::IF_MATCH, HeaderValue::from_static("nonsense"));
+        for bad in [
+            "nonsense",
+            "3-17",
+            "\"3-17",
+            "W/\"3-17\"",
+            "\"\"3-17\"\"",
+            "\"+3-17\"",
+        ] {
+            h.insert(header::IF_MATCH, HeaderValue::from_str(bad).unwrap());
+            assert_eq!(
+                condition(&h).unwrap_err().code,
+                "invalid_precondition",
+                "{bad}"
+            );
+        }
+        // Several values are refused however they are sent: one header or two.
+        h.insert(
+            header::IF_MATCH,
+            HeaderValue::from_static("\"0-0\", \"3-17\""),
+        );
         assert_eq!(condition(&h).unwrap_err().code, "invalid_precondition");
+        h.insert(header::IF_MATCH, HeaderValue::from_static("\"0-0\""));
+        h.append(header::IF_MATCH, HeaderValue::from_static("\"3-17\""));
+        assert_eq!(condition(&h).unwrap_err().code, "invalid_precondition");
+        // A huge value is not echoed back whole.
+        h.insert(
+            header::IF_MATCH,
+            HeaderValue::from_str(&"x".repeat(100_000)).unwrap(),
+        );
+        assert!(condition(&h).unwrap_err().message.len() < 200);
         let mut h = HeaderMap::new();
         h.insert(header::IF_NONE_MATCH, HeaderValue::from_static("*"));
         assert_eq!(condition(&h).unwrap(), Condition::IfAbsent);
+    }
+
+    #[test]
+    fn demo_keys_are_text_and_never_another_key() {
+        let l = Limits::default();
+        assert_eq!(
+            demo_key(Some("key=a+b%2Fc"), &l).unwrap(),
+            Bytes::from("a b/c")
+        );
+        assert_eq!(
+            demo_key(Some("x=1&key=%E2%82%AC"), &l).unwrap(),
+            Bytes::from("€")
+        );
+        // 0xFF is not UTF-8: refused, where a lossy decoding made it U+FFFD, a real key.
+        assert_eq!(
+            demo_key(Some("key=%FF"), &l).unwrap_err().code,
+            "invalid_key"
+        );
+        assert_eq!(demo_key(Some("k=1"), &l).unwrap_err().code, "missing_key");
+        assert!(wants_stale(Some("key=a&consistency=stale")));
+        assert!(!wants_stale(Some("consistency=stal%FF")));
+        assert_eq!(key_text(b"plain"), "plain");
+        assert_ne!(key_text(&[0xFF]), key_text(&[0xFE]));
+        assert_ne!(key_text(&[0xFF]), key_text("\u{FFFD}".as_bytes()));
     }
 
     #[test]

@@ -44,9 +44,19 @@ pub struct Metrics {
     pub retries: IntCounter,
 }
 
+/// Which kind of process exports the metrics: each registers only what it updates, so a
+/// dashboard never reads a router's never-updated replica gauges as an empty store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exporter {
+    /// A replica (`distkv node`).
+    Node,
+    /// A router (`distkv router`).
+    Router,
+}
+
 impl Metrics {
-    /// Creates and registers every metric.
-    pub fn new() -> Arc<Self> {
+    /// Creates the metrics and registers those `exporter` updates.
+    pub fn new(exporter: Exporter) -> Arc<Self> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new(
@@ -119,20 +129,25 @@ impl Metrics {
             latency,
             registry,
         };
-        let r = &m.registry;
-        r.register(Box::new(m.requests.clone())).unwrap();
-        r.register(Box::new(m.latency.clone())).unwrap();
-        r.register(Box::new(m.keys.clone())).unwrap();
-        r.register(Box::new(m.applied_seq.clone())).unwrap();
-        r.register(Box::new(m.commit_seq.clone())).unwrap();
-        r.register(Box::new(m.epoch.clone())).unwrap();
-        r.register(Box::new(m.batch_size.clone())).unwrap();
-        r.register(Box::new(m.commit_seconds.clone())).unwrap();
-        r.register(Box::new(m.snapshots_installed.clone())).unwrap();
-        r.register(Box::new(m.promotions.clone())).unwrap();
-        r.register(Box::new(m.in_sync_changes.clone())).unwrap();
-        r.register(Box::new(m.topology_version.clone())).unwrap();
-        r.register(Box::new(m.retries.clone())).unwrap();
+        m.register(Box::new(m.requests.clone()));
+        m.register(Box::new(m.latency.clone()));
+        match exporter {
+            Exporter::Node => {
+                m.register(Box::new(m.keys.clone()));
+                m.register(Box::new(m.applied_seq.clone()));
+                m.register(Box::new(m.commit_seq.clone()));
+                m.register(Box::new(m.epoch.clone()));
+                m.register(Box::new(m.batch_size.clone()));
+                m.register(Box::new(m.commit_seconds.clone()));
+                m.register(Box::new(m.snapshots_installed.clone()));
+                m.register(Box::new(m.promotions.clone()));
+                m.register(Box::new(m.in_sync_changes.clone()));
+            }
+            Exporter::Router => {
+                m.register(Box::new(m.topology_version.clone()));
+                m.register(Box::new(m.retries.clone()));
+            }
+        }
         Arc::new(m)
     }
 
@@ -196,4 +211,25 @@ pub async fn serve(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
         )],
         metrics.render(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_process_exports_only_its_own_metrics() {
+        let node = Metrics::new(Exporter::Node).render();
+        let router = Metrics::new(Exporter::Router).render();
+        for name in [
+            "distkv_keys ",
+            "distkv_epoch ",
+            "distkv_group_commit_seconds",
+        ] {
+            assert!(node.contains(name), "node lacks {name}");
+            assert!(!router.contains(name), "router exports {name}");
+        }
+        assert!(router.contains("distkv_router_retries_total "));
+        assert!(!node.contains("distkv_router_retries_total"));
+    }
 }

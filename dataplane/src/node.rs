@@ -100,7 +100,7 @@ struct LeaderView {
 impl Node {
     /// Opens the store and starts as `Unassigned` at the persisted epoch.
     pub fn open(cfg: NodeConfig) -> Result<Arc<Node>, StoreError> {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(crate::metrics::Exporter::Node);
         let store = Store::open(&cfg.data_dir, metrics.clone())?;
         let epoch = store.state().epoch;
         tracing::info!(id = %cfg.id, epoch, last = ?store.state().last, "replica opened");
@@ -237,6 +237,19 @@ impl Node {
         }
     }
 
+    /// [`Node::wait_committed`] for a read of the value at `seq`, with an answer that
+    /// speaks of the read.
+    async fn wait_readable(&self, leadership: &Leadership, seq: u64) -> Result<(), ApiError> {
+        self.wait_committed(leadership, seq).await.map_err(|_| {
+            ApiError::unavailable(
+                "value_not_committed",
+                "the key's latest value is not yet on every in-sync replica, so reading it \
+                 could show a write that a failover undoes; retry, or read with \
+                 ?consistency=stale",
+            )
+        })
+    }
+
     /// Reads a key. Leader reads see only committed data; stale reads see what is here.
     async fn read(&self, key: &[u8], stale: bool) -> Result<Option<(Position, Bytes)>, ApiError> {
         let slot = slot_for(key);
@@ -249,7 +262,7 @@ impl Node {
         if let Some((version, _)) = &found {
             // A value not yet held by every in-sync replica could still vanish in a
             // failover; wait until it cannot.
-            self.wait_committed(&view.leadership, version.seq).await?;
+            self.wait_readable(&view.leadership, version.seq).await?;
         }
         Ok(found)
     }
@@ -535,7 +548,7 @@ pub async fn v1_put(
         StatusCode::OK
     };
     let body = PutResult {
-        key: String::from_utf8_lossy(&key).into_owned(),
+        key: api::key_text(&key),
         version: format!("{}-{}", out.version.epoch, out.version.seq),
         created: out.created,
     };
@@ -595,6 +608,7 @@ pub async fn demo_put(State(node): NodeState, headers: HeaderMap, body: Body) ->
 
 /// Query of the demo API.
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DemoQuery {
     /// The key.
     pub key: Option<String>,
@@ -622,7 +636,7 @@ pub async fn demo_get(State(node): NodeState, uri: Uri, _q: Query<DemoQuery>) ->
 }
 
 /// Demo API `GET|DELETE /delete?key=K`.
-#[utoipa::path(delete, path = "/delete", tag = "demo", params(DemoQuery),
+#[utoipa::path(method(get, delete), path = "/delete", tag = "demo", params(DemoQuery),
     responses((status = 200, description = "`{\"status\":\"Delete successful\"}` or `{\"status\":\"Key not found\"}`")))]
 pub async fn demo_delete(State(node): NodeState, uri: Uri) -> Response {
     let run = async {

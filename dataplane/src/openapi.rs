@@ -37,3 +37,20 @@ pub struct ApiDoc;
 pub async fn serve() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_routes_take_their_key_from_the_query() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        for (path, method) in [("/get", "get"), ("/delete", "get"), ("/delete", "delete")] {
+            let params = &doc["paths"][path][method]["parameters"];
+            assert_eq!(params[0]["name"], "key", "{method} {path}");
+            assert_eq!(params[0]["in"], "query", "{method} {path}");
+        }
+        let summary = doc["paths"]["/metrics"]["get"]["summary"].as_str().unwrap();
+        assert!(!summary.contains('['), "rustdoc link in {summary:?}");
+    }
+}

@@ -77,6 +77,9 @@ pub struct Router {
     next_replica: AtomicUsize,
 }
 
+/// How long a follower may take over a stale read before the leader is asked instead.
+const STALE_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Headers passed from client to node.
 const FORWARD_REQUEST: [HeaderName; 3] = [
     header::CONTENT_TYPE,
@@ -93,7 +96,7 @@ impl Router {
             routing: RwLock::new(Arc::new(Routing::new(Topology::default()).expect("empty"))),
             nodes: Links::default(),
             admin: AdminClient::new(Duration::from_millis(500)),
-            metrics: Metrics::new(),
+            metrics: Metrics::new(metrics::Exporter::Router),
             next_replica: AtomicUsize::new(0),
             cfg,
         });
@@ -199,15 +202,28 @@ impl Router {
                 Some(h) => h,
                 None => self.pick(shard, stale)?,
             };
+            // A follower that does not answer a stale read quickly is not waited for: the
+            // leader can answer it too.
+            let on_follower = stale && shard.leader_address() != Some(addr.as_str());
+            let timeout = if on_follower {
+                STALE_READ_TIMEOUT.min(self.cfg.timeout)
+            } else {
+                self.cfg.timeout
+            };
             let request = LinkRequest {
                 method: &method,
                 target: path_and_query.as_str(),
                 headers: &fwd,
                 body: &body,
             };
-            let result = self.nodes.send(&addr, request, self.cfg.timeout).await;
+            let result = self.nodes.send(&addr, request, timeout).await;
             let retry = attempt == 0;
             match result {
+                Err(e) if retry && on_follower => {
+                    tracing::debug!(error = %e, "stale read failed on a follower; asking the leader");
+                    self.metrics.retries.inc();
+                    hint = shard.leader_address().map(str::to_owned);
+                }
                 Ok(r) if retry && moved(r.status) => {
                     self.metrics.retries.inc();
                     self.reload_file();
@@ -220,12 +236,15 @@ impl Router {
                     self.reload_file();
                 }
                 Err(ClientError::Timeout(_)) => {
+                    let outcome = if method == Method::GET {
+                        ""
+                    } else {
+                        "; the write's outcome is unknown"
+                    };
                     return Err(ApiError::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         "upstream_timeout",
-                        format!(
-                            "replica {addr} did not answer in time; a write's outcome is unknown"
-                        ),
+                        format!("replica {addr} did not answer in time{outcome}"),
                     ));
                 }
                 Err(e) => {
@@ -239,10 +258,14 @@ impl Router {
         ))
     }
 
+    /// The leader, or for a stale read any replica of the in-sync set in turn: one out of
+    /// it may be far behind, or dead.
     fn pick(&self, shard: &ShardInfo, stale: bool) -> Result<String, ApiError> {
-        if stale && !shard.replicas.is_empty() {
-            let i = self.next_replica.fetch_add(1, Ordering::Relaxed) % shard.replicas.len();
-            return Ok(shard.replicas[i].address.clone());
+        let in_sync = || shard.replicas.iter().filter(|r| r.in_sync);
+        let count = in_sync().count();
+        if stale && count > 0 {
+            let i = self.next_replica.fetch_add(1, Ordering::Relaxed) % count;
+            return Ok(in_sync().nth(i).expect("i < count").address.clone());
         }
         shard.leader_address().map(str::to_owned).ok_or_else(|| {
             ApiError::unavailable(
@@ -463,7 +486,8 @@ pub async fn readyz(State(r): RouterState) -> Response {
         .into_response()
 }
 
-/// `GET /metrics`: Prometheus text (documented here; served by [`metrics::serve`]).
+/// `GET /metrics`: Prometheus text.
+// Documented here; served by `metrics::serve`.
 #[utoipa::path(get, path = "/metrics", tag = "ops",
     responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 pub async fn metrics_doc() {}

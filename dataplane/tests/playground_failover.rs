@@ -248,3 +248,40 @@ async fn stopped_leader_is_replaced_and_serves_nothing_stale() {
     )
     .await;
 }
+
+/// Stale reads while a follower is stopped: each is answered, by the follower while it
+/// works and by the leader once it does not, well within the router's 10 s forwarding
+/// timeout; none waits on the stopped replica for long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_reads_skip_a_stopped_follower() {
+    let pg = Playground::start(3, 2, &[]);
+    let http = Http::default();
+    eventually("shard 0 fully in sync", Duration::from_secs(20), || async {
+        fully_in_sync(&http, &pg.router, 0).await.then_some(())
+    })
+    .await;
+    let key = format!("{}stale-read", prefix_for_shard(0));
+    assert!(http.put(&pg.router, &key, "v").await.status.is_success());
+    let (leader, _) = leader_of(&http, &pg.router, 0).await.unwrap();
+    let info = pg.info();
+    let follower = info
+        .nodes
+        .iter()
+        .find(|n| n.id.starts_with("s0-") && n.id != leader)
+        .unwrap();
+    signal(follower.pid, libc::SIGSTOP);
+    let path = format!("/v1/kv/{key}?consistency=stale");
+    // Before the control plane drops the follower from the in-sync set (1 s) and after.
+    for i in 0..8 {
+        let t = Instant::now();
+        let r = http.get(&pg.router, &path).await;
+        let took = t.elapsed();
+        assert_eq!(
+            (r.status.as_u16(), &r.body[..]),
+            (200, &b"v"[..]),
+            "read {i}"
+        );
+        assert!(took < Duration::from_secs(3), "read {i} took {took:?}");
+    }
+    signal(follower.pid, libc::SIGCONT);
+}

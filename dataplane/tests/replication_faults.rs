@@ -382,3 +382,39 @@ async fn async_mode_reports_lost_acknowledged_writes() {
     );
     assert!(writes > 500, "too little load to mean anything: {writes}");
 }
+
+/// A write the in-sync set cannot confirm (its follower is stopped) is not readable on
+/// the leader: the read waits, then answers 503 in words about the read, not the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unconfirmed_value_is_not_read() {
+    let shard = Shard::start(2, AckMode::Sync, &["--replication-timeout-ms", "300"]);
+    shard.assign(0, 1, &[0, 1]).await;
+    let http = Http::default();
+    let leader = &shard.nodes[0].addr;
+    assert_eq!(http.put(leader, "k", "confirmed").await.status, 201);
+    signal(shard.nodes[1].pid(), libc::SIGSTOP);
+    let w = http.put(leader, "k", "unconfirmed").await;
+    assert_eq!(
+        (w.status.as_u16(), error_code(&w)),
+        (503, "replication_timeout".into())
+    );
+    let r = http.get(leader, "/v1/kv/k").await;
+    assert_eq!(
+        (r.status.as_u16(), error_code(&r)),
+        (503, "value_not_committed".into())
+    );
+    assert!(
+        !json(&r)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("write is")
+    );
+    signal(shard.nodes[1].pid(), libc::SIGCONT);
+    // Once the follower holds it, the value is committed and readable.
+    let read = eventually("the value readable", Duration::from_secs(10), || async {
+        let r = http.get(leader, "/v1/kv/k").await;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(read.body, "unconfirmed");
+}
