@@ -1,9 +1,11 @@
-//! The router's link to the replicas: HTTP requests multiplexed on one TCP connection per
-//! node, in a lean frame format, served by the node's own HTTP app on its usual port.
+//! The link: how distkv's own processes call a replica (the router forwarding client
+//! requests, a leader sending batches to a follower). HTTP requests multiplexed on one TCP
+//! connection per replica, in a lean frame format, served by the replica's own HTTP app
+//! on its usual port.
 //!
-//! It replaces HTTP/2 on this one hop because HTTP/2's machinery (HPACK, per-stream state
+//! It replaces HTTP/2 on these hops because HTTP/2's machinery (HPACK, per-stream state
 //! and flow control) was most of a replica's CPU per GET, and much of the router's, while
-//! the hop needs none of it: both ends are ours, requests are small and whole, and every
+//! the hops need none of it: both ends are ours, requests are small and whole, and every
 //! answer is buffered anyway. What stays is what the hop does need: many requests in
 //! flight on one connection, answers in any order, and frames from many requests leaving
 //! in one write when they queue up together.
@@ -15,7 +17,7 @@
 //! - headers: `count u8`, then per header `name (u8 len) | value (u16 len)`.
 //!
 //! Lengths are big-endian; the body is the rest of the frame. A malformed frame closes
-//! the connection: its peer is a distkv router, so it is a bug, not a client mistake.
+//! the connection: its peer is a distkv process, so it is a bug, not a client mistake.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -46,7 +48,7 @@ pub const PREFACE: &[u8; 8] = b"DKVLINK1";
 const MAX_FRAME: usize = 1 << 30;
 
 /// Requests one connection may have in a node's hands at once; past this the node stops
-/// reading until some finish, and TCP pushes back on the router.
+/// reading until some finish, and TCP pushes back on the caller.
 const MAX_IN_FLIGHT: usize = 4096;
 
 /// Capacity kept for the buffers frames are read into and written from.
@@ -66,7 +68,7 @@ pub enum FrameError {
     TooLarge(usize),
 }
 
-/// A request for a node, as the router forwards it.
+/// A request for a replica.
 pub struct LinkRequest<'a> {
     /// Method.
     pub method: &'a Method,
@@ -327,9 +329,9 @@ impl Outbox {
     }
 }
 
-// ---- the router's side ----------------------------------------------------------------
+// ---- the caller's side ----------------------------------------------------------------
 
-/// The router's links, one per node address, made on first use and replaced when broken.
+/// Links to replicas, one per address, made on first use and replaced when broken.
 #[derive(Default)]
 pub struct Links {
     links: RwLock<HashMap<String, Arc<Link>>>,
@@ -444,7 +446,7 @@ impl Links {
     }
 }
 
-/// The router's reader task of one link: hands each answer to the request waiting for it.
+/// The caller's reader task of one link: hands each answer to the request waiting for it.
 async fn read_answers(link: Arc<Link>, mut rd: OwnedReadHalf, addr: String) {
     let mut buf = BytesMut::with_capacity(BUFFER);
     let result: Result<(), String> = async {
@@ -470,7 +472,7 @@ async fn read_answers(link: Arc<Link>, mut rd: OwnedReadHalf, addr: String) {
 // ---- the node's side ------------------------------------------------------------------
 
 /// Serves `app` on `listener` until `shutdown` resolves: HTTP/1.1 and HTTP/2 to anyone,
-/// and the link to routers, told apart by their first bytes. Then it stops accepting and
+/// and the link, told apart by their first bytes. Then it stops accepting and
 /// returns once every request in progress has been answered.
 pub async fn serve(
     listener: TcpListener,

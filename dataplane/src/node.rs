@@ -84,6 +84,8 @@ pub struct Node {
     cfg: NodeConfig,
     store: Store,
     http: HttpClient,
+    /// Connections to the followers this replica streams to while it leads.
+    links: Arc<crate::link::Links>,
     metrics: Arc<Metrics>,
     assignment: RwLock<Assignment>,
     follower_commit: AtomicU64,
@@ -108,6 +110,7 @@ impl Node {
             cfg,
             store,
             http: HttpClient::new(),
+            links: Arc::default(),
             metrics,
             assignment: RwLock::new(Assignment {
                 role: Role::Unassigned,
@@ -402,6 +405,7 @@ impl Node {
                 leadership.clone(),
                 peer.clone(),
                 self.http.clone(),
+                self.links.clone(),
                 self.cfg.stream.clone(),
             ));
             a.streams

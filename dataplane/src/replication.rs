@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::client::{ClientError, HttpClient};
+use crate::link::{LinkRequest, Links};
 use crate::storage::{AppendOutcome, LogEntry, Position, Store, StoreError};
 use crate::wire::{AckMode, FollowerAck, Peer};
 
@@ -401,10 +402,13 @@ impl Leadership {
 
 /// Streams the leader's log to one follower until the task is aborted (role change) or
 /// the leader learns it was deposed.
+/// Batches go over the `links` (one connection per follower, shared with nothing else
+/// that waits); snapshots, long streams, over `http`.
 pub async fn stream_to_follower(
     leadership: Arc<Leadership>,
     peer: Peer,
     http: HttpClient,
+    links: Arc<Links>,
     cfg: StreamConfig,
 ) {
     let store = leadership.store.clone();
@@ -440,7 +444,7 @@ pub async fn stream_to_follower(
         // Whatever is staged from here on wakes the wait below; what is staged now, this
         // round sends.
         changes.borrow_and_update();
-        let result = replicate_once(&leadership, &peer, &http, &cfg, next).await;
+        let result = replicate_once(&leadership, &peer, &links, &cfg, next).await;
         match result {
             Ok(Sent::Matched { through }) => {
                 leadership.record_ack(&peer.id, through);
@@ -509,7 +513,7 @@ pub enum StreamError {
 async fn replicate_once(
     leadership: &Leadership,
     peer: &Peer,
-    http: &HttpClient,
+    links: &Links,
     cfg: &StreamConfig,
     next: u64,
 ) -> Result<Sent, StreamError> {
@@ -533,16 +537,19 @@ async fn replicate_once(
         leader_last,
         entries,
     };
-    let body =
-        Bytes::from(postcard::to_stdvec(&req).map_err(|e| StreamError::Protocol(e.to_string()))?);
-    let resp = http
-        .post(
-            &peer.address,
-            "/internal/replicate",
-            "application/octet-stream",
-            body,
-            Duration::from_secs(5),
-        )
+    let body = postcard::to_stdvec(&req).map_err(|e| StreamError::Protocol(e.to_string()))?;
+    let headers = [(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/octet-stream"),
+    )];
+    let request = LinkRequest {
+        method: &hyper::Method::POST,
+        target: "/internal/replicate",
+        headers: &headers,
+        body: &body,
+    };
+    let resp = links
+        .send(&peer.address, request, Duration::from_secs(5))
         .await?;
     if resp.status == hyper::StatusCode::CONFLICT {
         return Err(StreamError::Stale(
