@@ -132,9 +132,13 @@ struct PlaygroundArgs {
     /// A follower silent for this long leaves the in-sync set.
     #[arg(long, default_value_t = 1000)]
     in_sync_timeout_ms: u64,
-    /// Extra flags passed to every node (e.g. --node-arg=--log-retain=1000).
+    /// Extra flags passed to every node (e.g. --node-arg=--log-retain=1000). Set key and
+    /// value limits with --max-key-bytes and --max-value-bytes, which reach the router too.
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     node_args: Vec<String>,
+    /// Limits of the router and every node.
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 fn parse_mode(s: &str) -> Result<AckMode, String> {
@@ -278,6 +282,7 @@ async fn run_playground(args: PlaygroundArgs) -> Result<()> {
         failover_grace_ms: args.failover_grace_ms,
         poll_ms: args.poll_ms,
         in_sync_timeout_ms: args.in_sync_timeout_ms,
+        limits: args.limits.limits(),
         node_args: args.node_args,
         exe: std::env::current_exe()?,
     };

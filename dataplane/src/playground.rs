@@ -1,7 +1,7 @@
 //! `distkv playground`: a whole cluster on one machine. The router and every replica run
 //! as child processes of this binary; this process is their supervisor and drives the
 //! control core: it observes each replica, applies the core's decisions (roles, leases,
-//! in-sync sets, topology) and restarts children that die.
+//! in-sync sets, topology) and restarts children that die, the router included.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::api::Limits;
 use crate::client::{AdminClient, ClientError};
 use crate::control::{self, Action, ClusterSpec, ControlState, Observation};
 use crate::wire::AckMode;
@@ -39,7 +40,10 @@ pub struct PlaygroundConfig {
     pub poll_ms: u64,
     /// A follower silent this long leaves the in-sync set.
     pub in_sync_timeout_ms: u64,
-    /// Extra flags for every node.
+    /// Key and value limits of the router and every node.
+    pub limits: Limits,
+    /// Extra flags for every node; a limit flag among them overrides `limits` for the
+    /// nodes (not the router).
     pub node_args: Vec<String>,
     /// The `distkv` binary to start children from.
     pub exe: PathBuf,
@@ -89,8 +93,11 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> PlaygroundEr
 pub struct PlaygroundInfo {
     /// URL of the router.
     pub router: String,
-    /// Admin address of the router (topology pushes).
+    /// Admin address of the router (topology pushes); it changes when the router restarts.
     pub router_admin: String,
+    /// Process id of the router; absent while it is being restarted.
+    #[serde(default)]
+    pub router_pid: Option<u32>,
     /// Pid of the supervisor.
     pub pid: u32,
     /// Every node.
@@ -132,6 +139,11 @@ struct Member {
     failures: u32,
     restart_at: Instant,
     started_at: Instant,
+}
+
+/// Wait before restarting a child that failed `failures` times in a row.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100 << failures.min(6))
 }
 
 /// Starts a child and waits for it to announce `labels` on stdout (`label ADDR` lines).
@@ -245,13 +257,70 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// The router the supervisor keeps running, always on the same public address.
+struct RouterChild {
+    proc: Option<Proc>,
+    /// Public address (`127.0.0.1:PORT`), kept across restarts.
+    address: String,
+    /// Admin address of the running router (a restart picks a new one).
+    admin: String,
+    failures: u32,
+    restart_at: Instant,
+    started_at: Instant,
+}
+
+/// Whether `args` give the flag `--NAME` (as `--NAME V` or `--NAME=V`).
+fn flag_given(args: &[String], name: &str) -> bool {
+    let flag = format!("--{name}");
+    args.iter()
+        .any(|a| *a == flag || a.strip_prefix(&flag).is_some_and(|v| v.starts_with('=')))
+}
+
+fn router_args(cfg: &PlaygroundConfig, listen: &str) -> Vec<String> {
+    vec![
+        "router".into(),
+        "--listen".into(),
+        listen.into(),
+        "--admin-listen".into(),
+        "127.0.0.1:0".into(),
+        "--topology".into(),
+        cfg.data_dir.join("topology.json").display().to_string(),
+        "--max-key-bytes".into(),
+        cfg.limits.max_key_bytes.to_string(),
+        "--max-value-bytes".into(),
+        cfg.limits.max_value_bytes.to_string(),
+    ]
+}
+
+/// Starts the router on `listen`; returns it and its admin address. It loads the
+/// topology file at start; the caller pushes the current topology as well.
+async fn start_router(
+    cfg: &PlaygroundConfig,
+    listen: &str,
+) -> Result<(Proc, String), PlaygroundError> {
+    let log = cfg.data_dir.join("logs").join("router.log");
+    let (child, addrs) = spawn(
+        &cfg.exe,
+        &router_args(cfg, listen),
+        &log,
+        &["listening", "admin"],
+        cfg.child_threads(),
+    )
+    .await?;
+    let proc = Proc {
+        pid: child.id().unwrap_or(0),
+        child,
+        address: addrs[0].clone(),
+    };
+    Ok((proc, addrs[1].clone()))
+}
+
 struct Supervisor {
     cfg: Arc<PlaygroundConfig>,
     spec: ClusterSpec,
     state: ControlState,
     members: Vec<Member>,
-    router: Proc,
-    router_admin: String,
+    router: RouterChild,
     admin: AdminClient,
     epoch0: Instant,
     info: Option<PlaygroundInfo>,
@@ -269,6 +338,17 @@ impl Supervisor {
             "--data-dir".into(),
             dir.display().to_string(),
         ];
+        // The playground's limits, unless --node-arg sets one for the nodes (a flag given
+        // twice is an error).
+        let limits = [
+            ("max-key-bytes", self.cfg.limits.max_key_bytes),
+            ("max-value-bytes", self.cfg.limits.max_value_bytes),
+        ];
+        for (name, value) in limits {
+            if !flag_given(&self.cfg.node_args, name) {
+                args.push(format!("--{name}={value}"));
+            }
+        }
         args.extend(self.cfg.node_args.iter().cloned());
         args
     }
@@ -294,8 +374,56 @@ impl Supervisor {
         self.epoch0.elapsed().as_millis() as u64
     }
 
+    /// Reaps the router if it exited and restarts it (on the same public address) once its
+    /// backoff has passed; a restarted router gets the current topology.
+    async fn supervise_router(&mut self) {
+        let r = &mut self.router;
+        if let Some(p) = &mut r.proc {
+            match p.child.try_wait() {
+                Ok(None) => {
+                    // A router that stayed up a while is healthy again; forget old failures.
+                    if r.started_at.elapsed() > Duration::from_secs(30) {
+                        r.failures = 0;
+                    }
+                    return;
+                }
+                Ok(Some(status)) => {
+                    tracing::warn!(%status, "router exited");
+                    println!("router exited ({status}); restarting");
+                    r.proc = None;
+                    r.failures += 1;
+                    r.restart_at = Instant::now() + backoff(r.failures);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check the router");
+                    return;
+                }
+            }
+        }
+        if Instant::now() < r.restart_at {
+            return;
+        }
+        match start_router(&self.cfg, &r.address).await {
+            Ok((p, admin)) => {
+                println!("router restarted at http://{} (pid {})", p.address, p.pid);
+                r.proc = Some(p);
+                r.admin = admin;
+                r.started_at = Instant::now();
+                // It read the topology file at start; push too, in case the file is behind.
+                self.publish(&self.state.topology.clone()).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "router restart failed");
+                println!("router restart failed: {e}; retrying");
+                r.failures += 1;
+                r.restart_at = Instant::now() + backoff(r.failures);
+            }
+        }
+    }
+
     /// One round: observe every replica, run the control core, apply what it decided.
     async fn round(&mut self) {
+        self.supervise_router().await;
         let mut observations = Vec::with_capacity(self.members.len());
         let mut calls = Vec::new();
         for m in &mut self.members {
@@ -307,8 +435,7 @@ impl Supervisor {
                         println!("replica {} exited ({status}); restarting", m.id);
                         m.proc = None;
                         m.failures += 1;
-                        let backoff = Duration::from_millis(100 << m.failures.min(6));
-                        m.restart_at = Instant::now() + backoff;
+                        m.restart_at = Instant::now() + backoff(m.failures);
                         false
                     }
                     Err(_) => false,
@@ -388,7 +515,7 @@ impl Supervisor {
                 tracing::error!(%replica, error = %e, "restart failed");
                 let m = &mut self.members[i];
                 m.failures += 1;
-                m.restart_at = Instant::now() + Duration::from_millis(100 << m.failures.min(6));
+                m.restart_at = Instant::now() + backoff(m.failures);
             }
         }
         // A replica that stayed up a while is healthy again; forget old failures.
@@ -407,7 +534,11 @@ impl Supervisor {
         ) {
             tracing::error!(error = %e, "cannot write topology file");
         }
-        if let Err(e) = self.admin.push_topology(&self.router_admin, t).await {
+        if self.router.proc.is_none() {
+            // A router that starts later loads the file just written.
+            return;
+        }
+        if let Err(e) = self.admin.push_topology(&self.router.admin, t).await {
             tracing::warn!(error = %e, "cannot push topology to the router; it reloads the file on its next miss");
         }
     }
@@ -429,7 +560,8 @@ impl Supervisor {
     fn write_info(&mut self) {
         let info = PlaygroundInfo {
             router: format!("http://{}", self.router.address),
-            router_admin: self.router_admin.clone(),
+            router_admin: self.router.admin.clone(),
+            router_pid: self.router.proc.as_ref().map(|p| p.pid),
             pid: std::process::id(),
             nodes: self
                 .members
@@ -468,7 +600,7 @@ impl Supervisor {
             .iter_mut()
             .filter_map(|m| m.proc.take())
             .collect();
-        procs.push(self.router);
+        procs.extend(self.router.proc.take());
         for p in &procs {
             // SAFETY: sending a signal to a child we started.
             unsafe { libc::kill(p.pid as i32, libc::SIGTERM) };
@@ -539,34 +671,25 @@ pub async fn run(
     )))?;
     let _lock = lock_dir(&cfg.data_dir)?;
     let state = load_state(&cfg.data_dir, &spec)?;
-    let topology_file = cfg.data_dir.join("topology.json");
-    let router_args: Vec<String> = vec![
-        "router".into(),
-        "--listen".into(),
-        format!("127.0.0.1:{}", cfg.port),
-        "--admin-listen".into(),
-        "127.0.0.1:0".into(),
-        "--topology".into(),
-        topology_file.display().to_string(),
-    ];
-    let log = cfg.data_dir.join("logs").join("router.log");
-    let (child, addrs) = spawn(
-        &cfg.exe,
-        &router_args,
-        &log,
-        &["listening", "admin"],
-        cfg.child_threads(),
-    )
-    .await?;
-    let router = Proc {
-        pid: child.id().unwrap_or(0),
-        child,
-        address: addrs[0].clone(),
-    };
+    for name in ["max-key-bytes", "max-value-bytes"] {
+        if flag_given(&cfg.node_args, name) {
+            tracing::warn!(
+                "--node-arg=--{name} applies to the nodes only; --{name} sets it for the \
+                 router and every node"
+            );
+        }
+    }
+    let (router, router_admin) = start_router(&cfg, &format!("127.0.0.1:{}", cfg.port)).await?;
     let mut sup = Supervisor {
         members: Vec::new(),
-        router,
-        router_admin: addrs[1].clone(),
+        router: RouterChild {
+            address: router.address.clone(),
+            proc: Some(router),
+            admin: router_admin,
+            failures: 0,
+            restart_at: Instant::now(),
+            started_at: Instant::now(),
+        },
         admin: AdminClient::new(Duration::from_millis(250)),
         epoch0: Instant::now(),
         info: None,

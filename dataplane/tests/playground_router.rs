@@ -1,0 +1,234 @@
+//! The playground's router: the supervisor restarts it when it dies, and the playground's
+//! key and value limits reach the router as well as every node.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use hyper::Method;
+
+/// A playground whose data directory is a fresh `/tmp/pg-*`, removed after it stops.
+struct Pg {
+    pg: Playground,
+    _tmp: tempfile::TempDir,
+}
+
+fn start(shards: u32, replicas: u32, extra: &[&str]) -> Pg {
+    let tmp = tempfile::Builder::new()
+        .prefix("pg-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let pg = Playground::start_in(&tmp.path().join("data"), shards, replicas, extra);
+    Pg { pg, _tmp: tmp }
+}
+
+/// A child process of `parent`: (pid, state letter from /proc/PID/stat, its subcommand).
+#[derive(Debug)]
+struct ChildProc {
+    pid: u32,
+    state: char,
+    subcommand: String,
+}
+
+fn children_of(parent: u32) -> Vec<ChildProc> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses.
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut fields = after.split_whitespace();
+        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid: u32 = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        if ppid != parent {
+            continue;
+        }
+        // A zombie has no command line left; it is still a child.
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let subcommand = cmdline
+            .split(|&b| b == 0)
+            .nth(1)
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .unwrap_or_default();
+        out.push(ChildProc {
+            pid,
+            state,
+            subcommand,
+        });
+    }
+    out
+}
+
+/// The pid of the playground's live `distkv router` child, if there is exactly one.
+fn live_router(parent: u32) -> Option<u32> {
+    let routers: Vec<u32> = children_of(parent)
+        .into_iter()
+        .filter(|c| c.subcommand == "router" && c.state != 'Z')
+        .map(|c| c.pid)
+        .collect();
+    match routers[..] {
+        [pid] => Some(pid),
+        _ => None,
+    }
+}
+
+/// `playground.json` as JSON (read untyped so that a missing field fails an assertion).
+fn info_json(dir: &Path) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(dir.join("playground.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// kill -9 of the router: the supervisor reaps it and starts another on the same port,
+/// which routes with the current topology, and `playground.json` names the new process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_router_is_restarted_on_the_same_port() {
+    let Pg { pg, _tmp } = start(2, 1, &[]);
+    let http = Http::default();
+    let keys: Vec<String> = (0..8).map(|i| format!("before-{i}")).collect();
+    for k in &keys {
+        assert_eq!(http.put(&pg.router, k, format!("v-{k}")).await.status, 201);
+    }
+    let supervisor = pg.child.id();
+    let old = live_router(supervisor).expect("the playground runs one router");
+    let before = info_json(&pg.dir).unwrap();
+
+    signal(old, libc::SIGKILL);
+    // The same URL answers again, with the keys of both shards.
+    let started = std::time::Instant::now();
+    eventually(
+        "the router to answer again on its port",
+        Duration::from_secs(10),
+        || async {
+            for k in &keys {
+                let r = http
+                    .try_req(
+                        Method::GET,
+                        &pg.router,
+                        &format!("/v1/kv/{k}"),
+                        Bytes::new(),
+                    )
+                    .await?;
+                if r.status != 200 || r.body != format!("v-{k}") {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    println!("router answered again after {:?}", started.elapsed());
+    // Writes go through too.
+    assert_eq!(http.put(&pg.router, "after", "x").await.status, 201);
+    assert_eq!(http.get(&pg.router, "/v1/kv/after").await.body, "x");
+
+    // The old router was reaped (no zombie) and one new router runs.
+    let new = live_router(supervisor).expect("one live router");
+    assert_ne!(new, old);
+    let children = children_of(supervisor);
+    assert!(
+        children.iter().all(|c| c.pid != old && c.state != 'Z'),
+        "the dead router was not reaped: {children:?}"
+    );
+    // playground.json named the old router, now names the new one, and its admin address
+    // is the new router's.
+    assert_eq!(
+        before["router_pid"].as_u64(),
+        Some(u64::from(old)),
+        "{before}"
+    );
+    let info = eventually(
+        "playground.json to name the new router",
+        Duration::from_secs(5),
+        || async {
+            let info = info_json(&pg.dir)?;
+            (info["router_pid"].as_u64() == Some(u64::from(new))).then_some(info)
+        },
+    )
+    .await;
+    assert_eq!(info["router"], format!("http://{}", pg.router));
+    let admin = info["router_admin"].as_str().unwrap();
+    assert_eq!(http.get(admin, "/healthz").await.status, 200);
+    let pushed = json(&http.get(admin, "/internal/topology").await);
+    assert!(
+        pushed["version"].as_u64().unwrap() > 0,
+        "the new router has no topology: {pushed}"
+    );
+    pg.stop();
+}
+
+/// `--max-value-bytes` raises the limit at the router and the nodes alike: a value over
+/// 1 MiB is stored and read back through the router, and one over the new limit is 413.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raised_value_limit_reaches_the_router_and_the_nodes() {
+    let Pg { pg, _tmp } = start(1, 1, &["--max-value-bytes", "2097152"]);
+    let http = Http::default();
+    let value: Vec<u8> = (0..1_500_000u32).map(|i| (i % 251) as u8).collect();
+    let put = http.put(&pg.router, "big", value.clone()).await;
+    assert_eq!(
+        put.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&put.body[..put.body.len().min(500)])
+    );
+    let got = http.get(&pg.router, "/v1/kv/big").await;
+    assert_eq!(got.status, 200);
+    assert!(got.body == value, "the value read back differs");
+    let node = pg.info().nodes[0].address.clone();
+    let direct = http.get(&node, "/v1/kv/big").await;
+    assert_eq!(direct.body.len(), value.len());
+    let over = http
+        .put(&pg.router, "big", vec![b'x'; 2 * 1024 * 1024 + 1])
+        .await;
+    assert_eq!(
+        (over.status.as_u16(), error_code(&over)),
+        (413, "value_too_large".to_string())
+    );
+    pg.stop();
+}
+
+/// `--max-key-bytes` lowers the limit at the router and the nodes alike: a longer key is
+/// refused with 413 and a JSON error, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowered_key_limit_reaches_the_router_and_the_nodes() {
+    let Pg { pg, _tmp } = start(1, 1, &["--max-key-bytes", "16"]);
+    let http = Http::default();
+    let fits = "k".repeat(16);
+    assert_eq!(http.put(&pg.router, &fits, "v").await.status, 201);
+    let long = "k".repeat(17);
+    let refused = http.put(&pg.router, &long, "v").await;
+    assert_eq!(refused.status, 413);
+    let body = json(&refused);
+    assert_eq!(body["error"]["code"], "key_too_large", "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+    let demo = http
+        .req(
+            Method::POST,
+            &pg.router,
+            "/put",
+            &[("content-type", "application/json")],
+            format!(r#"{{"key":"{long}","value":"v"}}"#),
+        )
+        .await;
+    assert_eq!(demo.status, 413);
+    // The node has the same limit.
+    let node = pg.info().nodes[0].address.clone();
+    let direct = http.put(&node, &long, "v").await;
+    assert_eq!(
+        (direct.status.as_u16(), error_code(&direct)),
+        (413, "key_too_large".to_string())
+    );
+    assert_eq!(
+        http.get(&pg.router, &format!("/v1/kv/{long}")).await.status,
+        413
+    );
+    pg.stop();
+}
