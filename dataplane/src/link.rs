@@ -795,8 +795,7 @@ mod tests {
 
     /// A node that answers each request with its target, in reverse order of arrival.
     async fn echo_node() -> (String, tokio::task::JoinHandle<()>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        let (listener, addr) = bound().await;
         let app = axum::Router::new().fallback(|uri: Uri, body: Bytes| async move {
             if uri.path() == "/slow" {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -807,6 +806,22 @@ mod tests {
             serve(listener, app, std::future::pending()).await.unwrap();
         });
         (addr, server)
+    }
+
+    /// A listener on a free loopback port, and its address.
+    async fn bound() -> (TcpListener, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        (listener, addr)
+    }
+
+    /// Whether the link to `addr` has no request left waiting for an answer.
+    fn nothing_waiting(links: &Links, addr: &str) -> bool {
+        links.links.read().unwrap()[addr]
+            .waiting
+            .lock()
+            .unwrap()
+            .is_empty()
     }
 
     fn get<'a>(target: &'a str) -> LinkRequest<'a> {
@@ -873,8 +888,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_node_that_is_not_there_is_a_connect_error() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        let (listener, addr) = bound().await;
         drop(listener);
         let err = Links::default()
             .send(&addr, get("/"), Duration::from_secs(5))
@@ -885,8 +899,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_node_that_dies_mid_request_fails_it_and_the_next_one_reconnects() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        let (listener, addr) = bound().await;
         // Takes the connection and the request, then hangs up without an answer.
         let node = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
@@ -902,13 +915,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, ClientError::Transport { .. }), "{err:?}");
-        assert!(
-            links.links.read().unwrap()[&addr]
-                .waiting
-                .lock()
-                .unwrap()
-                .is_empty()
-        );
+        assert!(nothing_waiting(&links, &addr));
         // A real node on the same port now: the broken link is replaced.
         let listener = node.await.unwrap();
         let app = axum::Router::new().fallback(|| async { "back" });
@@ -922,8 +929,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_silent_node_times_out_and_leaves_nothing_waiting() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        let (listener, addr) = bound().await;
         let _hold = tokio::spawn(async move {
             let (s, _) = listener.accept().await.unwrap();
             std::future::pending::<()>().await;
@@ -935,13 +941,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, ClientError::Timeout(_)), "{err:?}");
-        assert!(
-            links.links.read().unwrap()[&addr]
-                .waiting
-                .lock()
-                .unwrap()
-                .is_empty()
-        );
+        assert!(nothing_waiting(&links, &addr));
     }
 
     #[tokio::test]
@@ -966,8 +966,7 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_answers_what_was_read_before_closing() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        let (listener, addr) = bound().await;
         let app = axum::Router::new().fallback(|| async {
             tokio::time::sleep(Duration::from_millis(300)).await;
             "finished"

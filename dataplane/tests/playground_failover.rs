@@ -41,6 +41,29 @@ async fn fully_in_sync(http: &Http, router: &str, shard: usize) -> bool {
     })
 }
 
+/// A 3×2 playground whose shard 0 is fully in sync and holds `{tag}name` = `value`:
+/// the playground, that key, and shard 0's leader with its epoch.
+async fn shard0_holding(
+    http: &Http,
+    name: &str,
+    value: &str,
+) -> (Playground, String, (String, u64)) {
+    let pg = Playground::start(3, 2, &[]);
+    eventually("shard 0 fully in sync", Duration::from_secs(20), || async {
+        fully_in_sync(http, &pg.router, 0).await.then_some(())
+    })
+    .await;
+    let key = format!("{}{name}", prefix_for_shard(0));
+    assert!(
+        http.put(&pg.router, &key, value.to_owned())
+            .await
+            .status
+            .is_success()
+    );
+    let leader = leader_of(http, &pg.router, 0).await.unwrap();
+    (pg, key, leader)
+}
+
 fn node<'a>(nodes: &'a [NodeInfo], id: &str) -> &'a NodeInfo {
     nodes.iter().find(|n| n.id == id).unwrap()
 }
@@ -165,15 +188,8 @@ async fn follower_kill9_writes_go_on_and_it_rejoins() {
 /// the old one serves nothing stale and becomes a follower.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stopped_leader_is_replaced_and_serves_nothing_stale() {
-    let pg = Playground::start(3, 2, &[]);
     let http = Http::default();
-    eventually("shard 0 fully in sync", Duration::from_secs(20), || async {
-        fully_in_sync(&http, &pg.router, 0).await.then_some(())
-    })
-    .await;
-    let key = format!("{}stale-check", prefix_for_shard(0));
-    assert!(http.put(&pg.router, &key, "old").await.status.is_success());
-    let (leader, epoch) = leader_of(&http, &pg.router, 0).await.unwrap();
+    let (pg, key, (leader, epoch)) = shard0_holding(&http, "stale-check", "old").await;
     let old = node(&pg.info().nodes, &leader).clone();
     signal(old.pid, libc::SIGSTOP);
     let t = Instant::now();
@@ -254,15 +270,8 @@ async fn stopped_leader_is_replaced_and_serves_nothing_stale() {
 /// timeout; none waits on the stopped replica for long.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_reads_skip_a_stopped_follower() {
-    let pg = Playground::start(3, 2, &[]);
     let http = Http::default();
-    eventually("shard 0 fully in sync", Duration::from_secs(20), || async {
-        fully_in_sync(&http, &pg.router, 0).await.then_some(())
-    })
-    .await;
-    let key = format!("{}stale-read", prefix_for_shard(0));
-    assert!(http.put(&pg.router, &key, "v").await.status.is_success());
-    let (leader, _) = leader_of(&http, &pg.router, 0).await.unwrap();
+    let (pg, key, (leader, _)) = shard0_holding(&http, "stale-read", "v").await;
     let info = pg.info();
     let follower = info
         .nodes
