@@ -4,21 +4,41 @@ use crate::keys::{choose_key, key_name, make_value, value_belongs_to};
 use crate::scenario::{self, Api, DemoGet, Plan};
 use crate::summary::{RawRequest, Summary, summarize};
 use goose::config::GooseConfiguration;
-use goose::goose::{GooseMethod, GooseRequest, GooseUser, Transaction, TransactionResult};
-use goose::metrics::GooseMetrics;
+use goose::goose::{
+    GooseMethod, GooseRequest, GooseResponse, GooseUser, Transaction, TransactionError,
+    TransactionResult,
+};
+use goose::logger::GooseLog;
+use goose::metrics::{
+    GooseCoordinatedOmissionMitigation, GooseMetric, GooseMetrics, GooseRequestMetric,
+};
 use goose::{GooseAttack, GooseError};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 use thiserror::Error;
 
 /// Why a run could not be carried out (as opposed to a run that missed its thresholds).
 #[derive(Debug, Error)]
 pub enum AttackError {
     /// Goose refused the configuration or failed while running.
-    #[error("goose: {0}")]
-    Goose(#[from] Box<GooseError>),
+    #[error("goose: {}", describe_goose_error(.0))]
+    Goose(Box<GooseError>),
+    /// Every request failed to connect: nothing about the store was measured.
+    #[error(
+        "no request reached {host}: all {refused} requests failed to connect ({error}); is the router running and is --host right?"
+    )]
+    Unreachable {
+        /// The host from `--host`.
+        host: String,
+        /// Requests that failed to connect.
+        refused: u64,
+        /// The first connection error, with its causes.
+        error: String,
+    },
     /// The report directory could not be created.
     #[error("report directory {path}: {source}")]
     ReportDir {
@@ -34,6 +54,101 @@ impl From<GooseError> for AttackError {
         AttackError::Goose(Box::new(e))
     }
 }
+
+/// Goose's error with the details its `Display` leaves out (which option, which value).
+pub fn describe_goose_error(e: &GooseError) -> String {
+    match e {
+        GooseError::InvalidOption {
+            option,
+            value,
+            detail,
+        } => format!("invalid value {value:?} for {option}: {detail}"),
+        GooseError::InvalidHost {
+            host,
+            detail,
+            parse_error,
+        } => format!("invalid host {host:?}: {detail} ({parse_error})"),
+        other => {
+            let text = other.to_string();
+            text.strip_prefix("GooseError: ")
+                .map_or(text.clone(), str::to_string)
+        }
+    }
+}
+
+/// An error and its causes, e.g. `error sending request ...: tcp connect error: Connection
+/// refused (os error 111)`; reqwest's own `Display` stops at the first line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Whether the requests of a run reached the host at all.
+#[derive(Debug, Default)]
+pub struct Reachability {
+    /// Requests that got an answer, or failed after connecting (e.g. a timeout).
+    reached: AtomicU64,
+    /// Requests that failed to connect.
+    refused: AtomicU64,
+    /// The first connection error.
+    first_refusal: OnceLock<String>,
+}
+
+impl Reachability {
+    /// Counts a request that reached the host.
+    pub fn reached(&self) {
+        self.reached.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request that failed to connect, with its error.
+    pub fn refused(&self, error: impl FnOnce() -> String) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.first_refusal.get_or_init(error);
+    }
+
+    /// When requests were made and none of them connected: how many, and the first error.
+    pub fn unreachable(&self) -> Option<(u64, String)> {
+        let refused = self.refused.load(Ordering::Relaxed);
+        (refused > 0 && self.reached.load(Ordering::Relaxed) == 0).then(|| {
+            (
+                refused,
+                self.first_refusal.get().cloned().unwrap_or_default(),
+            )
+        })
+    }
+}
+
+/// What every user of one run shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// What to send.
+    pub plan: Plan,
+    /// What the requests found out about the host.
+    pub reach: Reachability,
+}
+
+impl Shared {
+    /// Shared state for a run of `plan`, before any request.
+    pub fn new(plan: Plan) -> Self {
+        Shared {
+            plan,
+            reach: Reachability::default(),
+        }
+    }
+}
+
+/// How long a user waits after a request that could not connect, so an unreachable host is
+/// not hammered with thousands of doomed requests per second.
+pub const CONNECT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How to run, independent of what to send.
 #[derive(Debug, Clone)]
@@ -77,6 +192,9 @@ pub fn configuration(opts: &RunOptions) -> GooseConfiguration {
     // Thresholds and reports should cover the ramp-up too: an error while users start is
     // still an error.
     c.no_reset_metrics = true;
+    // `send` reports request metrics itself and assumes Goose sends no extra, synthetic
+    // ones; this is Goose's default, spelt out.
+    c.co_mitigation = Some(GooseCoordinatedOmissionMitigation::Disabled);
     // The controllers listen on fixed ports on all interfaces; two runs on one machine
     // would collide, and nothing here drives Goose remotely.
     c.no_telnet = true;
@@ -87,31 +205,33 @@ pub fn configuration(opts: &RunOptions) -> GooseConfiguration {
 type TxFuture<'r> = Pin<Box<dyn Future<Output = TransactionResult> + Send + 'r>>;
 
 fn transaction<F>(
-    plan: &Arc<Plan>,
+    shared: &Arc<Shared>,
     name: &str,
     weight: usize,
     f: F,
 ) -> Result<Transaction, GooseError>
 where
-    F: for<'r> Fn(&'r mut GooseUser, Arc<Plan>) -> TxFuture<'r> + Send + Sync + 'static,
+    F: for<'r> Fn(&'r mut GooseUser, Arc<Shared>) -> TxFuture<'r> + Send + Sync + 'static,
 {
-    let plan = plan.clone();
-    Transaction::new(Arc::new(move |user| f(user, plan.clone())))
+    let shared = shared.clone();
+    Transaction::new(Arc::new(move |user| f(user, shared.clone())))
         .set_name(name)
         .set_weight(weight)
 }
 
-/// The Goose scenario for `plan`: one GET and one PUT transaction, weighted by its mix.
-pub fn goose_scenario(plan: Arc<Plan>) -> Result<goose::goose::Scenario, GooseError> {
+/// The Goose scenario for `shared.plan`: one GET and one PUT transaction, weighted by its
+/// mix.
+pub fn goose_scenario(shared: Arc<Shared>) -> Result<goose::goose::Scenario, GooseError> {
+    let plan = &shared.plan;
     let mix = plan.scenario.mix();
     let (get, put) = match plan.scenario.api() {
         Api::V1 => (
-            transaction(&plan, "get", mix.get, |u, p| Box::pin(v1_get(u, p)))?,
-            transaction(&plan, "put", mix.put, |u, p| Box::pin(v1_put(u, p)))?,
+            transaction(&shared, "get", mix.get, |u, s| Box::pin(v1_get(u, s)))?,
+            transaction(&shared, "put", mix.put, |u, s| Box::pin(v1_put(u, s)))?,
         ),
         Api::Demo => (
-            transaction(&plan, "get", mix.get, |u, p| Box::pin(demo_get(u, p)))?,
-            transaction(&plan, "put", mix.put, |u, p| Box::pin(demo_put(u, p)))?,
+            transaction(&shared, "get", mix.get, |u, s| Box::pin(demo_get(u, s)))?,
+            transaction(&shared, "put", mix.put, |u, s| Box::pin(demo_put(u, s)))?,
         ),
     };
     Ok(goose::goose::Scenario::new(plan.scenario.name())
@@ -123,48 +243,113 @@ fn random_key(plan: &Plan) -> String {
     key_name(choose_key(&mut rand::rng(), plan.keyspace))
 }
 
-async fn v1_get(user: &mut GooseUser, plan: Arc<Plan>) -> TransactionResult {
-    let key = random_key(&plan);
+/// Marks `metric` a success when its status is `also_ok`; true when it did.
+///
+/// Only for a metric Goose has not received yet: see [`send`].
+pub fn accept_status(metric: &mut GooseRequestMetric, also_ok: Option<u16>) -> bool {
+    if metric.success || also_ok != Some(metric.status_code) {
+        return false;
+    }
+    metric.success = true;
+    metric.error.clear();
+    true
+}
+
+/// Hands a request metric to Goose, as `GooseUser::request` does when metrics are on.
+fn report_metric(user: &GooseUser, metric: &GooseRequestMetric) -> TransactionResult {
+    if !user.config.request_log.is_empty() {
+        if let Some(logger) = &user.logger {
+            logger
+                .send(Some(GooseLog::Request(metric.clone())))
+                .map_err(|e| Box::new(TransactionError::from(e)))?;
+        }
+    }
+    if let Some(metrics) = &user.metrics_channel {
+        metrics
+            .send(GooseMetric::Request(Box::new(metric.clone())))
+            .map_err(|e| Box::new(TransactionError::from(e)))?;
+    }
+    Ok(())
+}
+
+/// Makes `request` through Goose, taking the status `also_ok` (besides 2xx) as a correct
+/// answer, and notes whether the host was reached.
+///
+/// Goose judges a request by its status and counts the error as soon as it receives the
+/// metric. `GooseUser::set_success` afterwards only sends an update, which flips the
+/// counters but, as it still carries the error text, is counted in the ERRORS table once
+/// more (goose 0.18). So the metric is held back from Goose while the request is made,
+/// corrected, and then reported once.
+async fn send(
+    user: &mut GooseUser,
+    shared: &Shared,
+    request: GooseRequest<'_>,
+    also_ok: Option<u16>,
+) -> Result<GooseResponse, Box<TransactionError>> {
+    let metrics_off = user.config.no_metrics;
+    user.config.no_metrics = true;
+    let made = user.request(request).await;
+    user.config.no_metrics = metrics_off;
+    let mut goose = made?;
+    accept_status(&mut goose.request, also_ok);
+    let refused = match &goose.response {
+        Err(e) if e.is_connect() => {
+            shared.reach.refused(|| error_chain(e));
+            true
+        }
+        _ => {
+            shared.reach.reached();
+            false
+        }
+    };
+    if !metrics_off {
+        report_metric(user, &goose.request)?;
+    }
+    if refused {
+        tokio::time::sleep(CONNECT_BACKOFF).await;
+    }
+    Ok(goose)
+}
+
+async fn v1_get(user: &mut GooseUser, shared: Arc<Shared>) -> TransactionResult {
+    let key = random_key(&shared.plan);
     let path = scenario::v1_path(&key);
     let request = GooseRequest::builder()
         .method(GooseMethod::Get)
         .path(path.as_str())
         .name("/v1/kv/{key}")
         .build();
-    let mut goose = user.request(request).await?;
+    // A key not written yet is a correct answer, not an error of the store.
+    let mut goose = send(user, &shared, request, Some(404)).await?;
     let Ok(response) = goose.response else {
         return Ok(());
     };
-    match response.status().as_u16() {
-        // A key not written yet is a correct answer, not an error of the store.
-        404 => user.set_success(&mut goose.request),
-        200 => {
-            let headers = response.headers().clone();
-            match response.bytes().await {
-                Ok(body) if value_belongs_to(&key, &body) => Ok(()),
-                Ok(body) => user.set_failure(
-                    "GET returned another key's value",
-                    &mut goose.request,
-                    Some(&headers),
-                    Some(&String::from_utf8_lossy(&body[..body.len().min(200)])),
-                ),
-                Err(e) => user.set_failure(
-                    &format!("reading GET body: {e}"),
-                    &mut goose.request,
-                    Some(&headers),
-                    None,
-                ),
-            }
-        }
-        // Goose already counted any other status as a failure.
-        _ => Ok(()),
+    if response.status() != 200 {
+        // A 404 was taken as a success and any other status as a failure by `send`.
+        return Ok(());
+    }
+    let headers = response.headers().clone();
+    match response.bytes().await {
+        Ok(body) if value_belongs_to(&key, &body) => Ok(()),
+        Ok(body) => user.set_failure(
+            "GET returned another key's value",
+            &mut goose.request,
+            Some(&headers),
+            Some(&String::from_utf8_lossy(&body[..body.len().min(200)])),
+        ),
+        Err(e) => user.set_failure(
+            &format!("reading GET body: {e}"),
+            &mut goose.request,
+            Some(&headers),
+            None,
+        ),
     }
 }
 
-async fn v1_put(user: &mut GooseUser, plan: Arc<Plan>) -> TransactionResult {
-    let key = random_key(&plan);
+async fn v1_put(user: &mut GooseUser, shared: Arc<Shared>) -> TransactionResult {
+    let key = random_key(&shared.plan);
     let path = scenario::v1_path(&key);
-    let body = make_value(&key, plan.value_size);
+    let body = make_value(&key, shared.plan.value_size);
     let builder = user
         .get_request_builder(&GooseMethod::Put, &path)?
         .body(body);
@@ -174,19 +359,20 @@ async fn v1_put(user: &mut GooseUser, plan: Arc<Plan>) -> TransactionResult {
         .name("/v1/kv/{key}")
         .set_request_builder(builder)
         .build();
-    user.request(request).await?;
+    send(user, &shared, request, None).await?;
     Ok(())
 }
 
-async fn demo_get(user: &mut GooseUser, plan: Arc<Plan>) -> TransactionResult {
-    let key = random_key(&plan);
+async fn demo_get(user: &mut GooseUser, shared: Arc<Shared>) -> TransactionResult {
+    let key = random_key(&shared.plan);
     let path = scenario::demo_get_path(&key);
     let request = GooseRequest::builder()
         .method(GooseMethod::Get)
         .path(path.as_str())
         .name("/get?key={key}")
         .build();
-    let mut goose = user.request(request).await?;
+    // The demo API answers a missing key with 200 and `Key not found`.
+    let mut goose = send(user, &shared, request, None).await?;
     let Ok(response) = goose.response else {
         return Ok(());
     };
@@ -223,9 +409,9 @@ async fn demo_get(user: &mut GooseUser, plan: Arc<Plan>) -> TransactionResult {
     }
 }
 
-async fn demo_put(user: &mut GooseUser, plan: Arc<Plan>) -> TransactionResult {
-    let key = random_key(&plan);
-    let value = make_value(&key, plan.value_size);
+async fn demo_put(user: &mut GooseUser, shared: Arc<Shared>) -> TransactionResult {
+    let key = random_key(&shared.plan);
+    let value = make_value(&key, shared.plan.value_size);
     let body = scenario::demo_put_body(&key, &value);
     let builder = user
         .get_request_builder(&GooseMethod::Post, "/put")?
@@ -237,7 +423,7 @@ async fn demo_put(user: &mut GooseUser, plan: Arc<Plan>) -> TransactionResult {
         .name("/put")
         .set_request_builder(builder)
         .build();
-    user.request(request).await?;
+    send(user, &shared, request, None).await?;
     Ok(())
 }
 
@@ -263,13 +449,21 @@ pub async fn run(plan: Plan, opts: &RunOptions) -> Result<Summary, AttackError> 
             source,
         })?;
     }
-    let plan = Arc::new(plan);
+    let shared = Arc::new(Shared::new(plan));
     let metrics = GooseAttack::initialize_with_config(configuration(opts))?
-        .register_scenario(goose_scenario(plan.clone())?)
+        .register_scenario(goose_scenario(shared.clone())?)
         .execute()
         .await?;
+    // Thresholds judge the store; with no answer from it at all there is nothing to judge.
+    if let Some((refused, error)) = shared.reach.unreachable() {
+        return Err(AttackError::Unreachable {
+            host: opts.host.clone(),
+            refused,
+            error,
+        });
+    }
     Ok(summarize(
-        plan.scenario.name(),
+        shared.plan.scenario.name(),
         &opts.host,
         metrics.duration as u64,
         &raw_requests(&metrics),
@@ -305,12 +499,75 @@ mod tests {
             vec!["/reports/report.html", "/reports/report.json"]
         );
         assert!(c.no_telnet && c.no_websocket && c.no_reset_metrics);
+        assert_eq!(
+            c.co_mitigation,
+            Some(GooseCoordinatedOmissionMitigation::Disabled)
+        );
+    }
+
+    fn metric(status: u16, success: bool) -> GooseRequestMetric {
+        serde_json::from_value(serde_json::json!({
+            "elapsed": 0, "scenario_index": 0, "scenario_name": "read-heavy",
+            "transaction_index": "0", "transaction_name": "get",
+            "raw": {"method": "Get", "url": "http://h/v1/kv/k", "headers": [], "body": ""},
+            "name": "/v1/kv/{key}", "final_url": "http://h/v1/kv/k", "redirected": false,
+            "response_time": 1, "status_code": status, "success": success, "update": false,
+            "user": 0,
+            "error": if success { String::new() } else { format!("{status}: /v1/kv/{{key}}") },
+            "coordinated_omission_elapsed": 0, "user_cadence": 0,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_accepted_status_becomes_a_success_without_an_error() {
+        let mut m = metric(404, false);
+        assert!(accept_status(&mut m, Some(404)));
+        assert!(m.success && !m.update);
+        assert_eq!(m.error, "", "Goose would list a non-empty error in ERRORS");
+
+        let mut m = metric(503, false);
+        assert!(!accept_status(&mut m, Some(404)));
+        assert!(!m.success && !m.error.is_empty());
+
+        let mut m = metric(404, false);
+        assert!(!accept_status(&mut m, None));
+        assert!(!m.success);
+
+        let mut m = metric(200, true);
+        assert!(!accept_status(&mut m, Some(404)));
+        assert!(m.success);
+    }
+
+    #[test]
+    fn unreachable_only_when_nothing_connected() {
+        let r = Reachability::default();
+        assert_eq!(r.unreachable(), None, "no request, nothing to say");
+        r.refused(|| "connection refused".into());
+        r.refused(|| "second".into());
+        assert_eq!(r.unreachable(), Some((2, "connection refused".into())));
+        r.reached();
+        assert_eq!(r.unreachable(), None, "one answer means the host is there");
+    }
+
+    #[test]
+    fn goose_errors_name_the_option() {
+        let e = GooseError::InvalidOption {
+            option: "`configuration.users`".into(),
+            value: "0".into(),
+            detail: "must be at least 1".into(),
+        };
+        let text = AttackError::from(e).to_string();
+        assert_eq!(
+            text,
+            r#"goose: invalid value "0" for `configuration.users`: must be at least 1"#
+        );
     }
 
     #[test]
     fn scenarios_register_both_transactions() {
         for s in Scenario::ALL {
-            let g = goose_scenario(Arc::new(Plan::new(s, None, None))).unwrap();
+            let g = goose_scenario(Arc::new(Shared::new(Plan::new(s, None, None)))).unwrap();
             assert_eq!(g.name, s.name());
             assert_eq!(g.transactions.len(), 2);
             assert_eq!(g.transactions[0].weight, s.mix().get);

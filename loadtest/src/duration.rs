@@ -2,20 +2,29 @@
 
 use thiserror::Error;
 
-/// A duration flag that could not be understood.
+/// A duration flag that was rejected.
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error(
-    "invalid duration {input:?}: expected a number of seconds or a number followed by s, m or h"
-)]
-pub struct DurationError {
-    /// The text that was rejected.
-    pub input: String,
+pub enum DurationError {
+    /// The text is not a duration at all.
+    #[error(
+        "invalid duration {input:?}: expected a number of seconds or a number followed by s, m or h"
+    )]
+    Invalid {
+        /// The text that was rejected.
+        input: String,
+    },
+    /// A well-formed duration of zero.
+    #[error("the duration must be greater than 0")]
+    Zero {
+        /// The text that was rejected.
+        input: String,
+    },
 }
 
 /// Parses `90`, `90s`, `5m` or `1h` into whole seconds; zero is rejected because a
 /// zero-length run would have nothing to measure.
 pub fn parse_secs(input: &str) -> Result<u64, DurationError> {
-    let err = || DurationError {
+    let err = || DurationError::Invalid {
         input: input.to_string(),
     };
     let text = input.trim();
@@ -32,8 +41,11 @@ pub fn parse_secs(input: &str) -> Result<u64, DurationError> {
         _ => return Err(err()),
     };
     match value.checked_mul(multiplier) {
-        Some(0) | None => Err(err()),
+        Some(0) => Err(DurationError::Zero {
+            input: input.to_string(),
+        }),
         Some(secs) => Ok(secs),
+        None => Err(err()),
     }
 }
 
@@ -54,5 +66,18 @@ mod tests {
         for bad in ["", "s", "abc", "0", "0s", "5d", "-3s", "1.5m"] {
             assert!(parse_secs(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn zero_is_reported_as_zero_not_as_malformed() {
+        for zero in ["0", "0s", "00m", " 0h"] {
+            let e = parse_secs(zero).unwrap_err();
+            assert!(matches!(e, DurationError::Zero { .. }), "{zero:?}: {e:?}");
+            assert!(e.to_string().contains("must be greater than 0"), "{e}");
+        }
+        assert!(matches!(
+            parse_secs("5d"),
+            Err(DurationError::Invalid { .. })
+        ));
     }
 }

@@ -37,10 +37,10 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "demo")]
     scenario: Scenario,
     /// Concurrent users.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = parse_at_least_one::<usize>)]
     users: usize,
     /// Users started per second.
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 4.0, value_parser = parse_rate)]
     hatch_rate: f64,
     /// How long to run, e.g. 30s, 5m, 1h (a bare number is seconds).
     #[arg(long, default_value = "30s", value_parser = loadtest::duration::parse_secs)]
@@ -67,7 +67,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 10)]
     progress_secs: usize,
     /// Per-request timeout in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = parse_at_least_one::<u64>)]
     timeout_secs: u64,
     /// Stay alive this long after writing the reports (e.g. 10m), so they can be copied
     /// out of a Job's pod with `kubectl cp` before its emptyDir goes away.
@@ -89,6 +89,25 @@ struct PrefillArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+}
+
+/// A count that must be positive, e.g. `--users`; clap names the flag in front of the error.
+fn parse_at_least_one<T: std::str::FromStr + Default + PartialEq>(s: &str) -> Result<T, String> {
+    match s.parse::<T>() {
+        Ok(v) if v != T::default() => Ok(v),
+        Ok(_) => Err("must be at least 1".to_string()),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
+}
+
+/// A rate per second that must be positive; Goose takes it as an `f32`, so it must neither
+/// round to 0 nor overflow there.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (v as f32).is_finite() && (v as f32) > 0.0 => Ok(v),
+        Ok(_) => Err("must be a number greater than 0".to_string()),
+        Err(_) => Err(format!("{s:?} is not a number")),
+    }
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -154,6 +173,15 @@ async fn run_prefill(host: &str, keys: u64, value_size: usize, concurrency: usiz
 
 async fn run(a: RunArgs) -> Result<ExitCode> {
     let plan = Plan::new(a.scenario, a.keyspace, a.value_size);
+    // A summary.json left by an earlier run must not pass for this one's if it cannot be
+    // carried out.
+    let path = a.report_dir.join("summary.json");
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", path.display()));
+        }
+        _ => {}
+    }
     if a.prefill {
         run_prefill(&a.host, plan.keyspace, plan.value_size, 32).await?;
     }
@@ -183,7 +211,6 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
     let misses = evaluate(&summary, &thresholds);
     summary.passed = misses.is_empty();
     summary.misses = misses.iter().map(ToString::to_string).collect();
-    let path = a.report_dir.join("summary.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)
         .with_context(|| format!("writing {}", path.display()))?;
     println!(
@@ -202,4 +229,73 @@ async fn run(a: RunArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_error(args: &[&str]) -> String {
+        let argv = ["distkv-loadtest"].iter().chain(args);
+        match Cli::try_parse_from(argv) {
+            Ok(cli) => panic!("{args:?} was accepted: {cli:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn zero_users_hatch_rate_and_timeout_are_rejected_naming_the_flag() {
+        for (flag, value, why) in [
+            ("--users", "0", "must be at least 1"),
+            ("--hatch-rate", "0", "must be a number greater than 0"),
+            ("--hatch-rate", "-2", "must be a number greater than 0"),
+            ("--hatch-rate", "1e-60", "must be a number greater than 0"),
+            ("--hatch-rate", "NaN", "must be a number greater than 0"),
+            ("--timeout-secs", "0", "must be at least 1"),
+        ] {
+            // `--flag=value`, or clap would take `-2` for a flag of its own.
+            let e = parse_error(&["run", &format!("{flag}={value}")]);
+            assert!(e.contains(flag), "{flag} {value}: {e}");
+            assert!(e.contains(why), "{flag} {value}: {e}");
+        }
+        let e = parse_error(&["run", "--users", "many"]);
+        assert!(
+            e.contains("--users") && e.contains("not a whole number"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_zero_duration_says_it_must_be_greater_than_zero() {
+        for value in ["0", "0s", "0m"] {
+            let e = parse_error(&["run", "--duration", value]);
+            assert!(e.contains("--duration"), "{e}");
+            assert!(e.contains("must be greater than 0"), "{e}");
+            assert!(!e.contains("expected a number"), "{e}");
+        }
+    }
+
+    #[test]
+    fn positive_values_still_parse() {
+        let cli = Cli::try_parse_from([
+            "distkv-loadtest",
+            "run",
+            "--users",
+            "1",
+            "--hatch-rate",
+            "0.5",
+            "--timeout-secs",
+            "1",
+            "--duration",
+            "2m",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run: {cli:?}");
+        };
+        assert_eq!(
+            (a.users, a.hatch_rate, a.timeout_secs, a.duration),
+            (1, 0.5, 1, 120)
+        );
+    }
 }
