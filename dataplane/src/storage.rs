@@ -809,6 +809,9 @@ impl Writer {
     fn run(mut self, rx: std_mpsc::Receiver<Command>) {
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
+            // Requests come in bursts (a connection's frames are dispatched together); let
+            // the rest of the burst arrive so it shares this commit.
+            std::thread::yield_now();
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(cmd) => batch.push(cmd),
