@@ -441,6 +441,12 @@ impl Links {
         // Nodes that moved leave closed links behind; drop them here, where a new one is
         // made anyway.
         links.retain(|_, l| !l.is_closed());
+        if let Some(raced) = links.get(addr) {
+            // Requests that found no link connect at once; the first link made is kept,
+            // and this one closes before it carried anything.
+            link.fail_all();
+            return Ok(raced.clone());
+        }
         links.insert(addr.to_string(), link.clone());
         Ok(link)
     }
@@ -824,6 +830,21 @@ mod tests {
             .is_empty()
     }
 
+    /// Established connections the listener at `addr` holds, read from /proc/net/tcp.
+    fn echo_connections(addr: &str) -> usize {
+        let port = addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+        let local = format!(":{port:04X}");
+        std::fs::read_to_string("/proc/net/tcp")
+            .unwrap()
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f[1].ends_with(&local) && f[3] == "01"
+            })
+            .count()
+    }
+
     fn get<'a>(target: &'a str) -> LinkRequest<'a> {
         LinkRequest {
             method: &Method::GET,
@@ -868,6 +889,9 @@ mod tests {
         for f in fast {
             f.await.unwrap();
         }
+        // However many requests raced to connect, one connection stays open.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(echo_connections(&addr), 1);
         let slow = slow.await.unwrap().unwrap();
         assert_eq!(slow.body, "/slow 0");
         // One connection carried them all.
