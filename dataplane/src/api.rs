@@ -284,13 +284,11 @@ pub fn condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
 /// A strong ETag as distkv issues them: `"epoch-seq"`, quotes included. A weak one
 /// (`W/"…"`) never matches for `If-Match` (RFC 9110), so it is refused, not compared.
 fn strong_etag(v: &str) -> Option<Position> {
-    let (epoch, seq) = v.strip_prefix('"')?.strip_suffix('"')?.split_once('-')?;
-    let number = |s: &str| {
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| s.parse().ok())
-            .flatten()
-    };
-    Some(Position::new(number(epoch)?, number(seq)?))
+    let inner = v.strip_prefix('"')?.strip_suffix('"')?;
+    // Digits and the dash only: what `Position::parse_etag` would tolerate around them
+    // (spaces, `W/`, more quotes, a `+`) is not an ETag distkv issued.
+    let plain = inner.bytes().all(|b| b.is_ascii_digit() || b == b'-');
+    plain.then(|| Position::parse_etag(inner)).flatten()
 }
 
 /// The start of a client's text, for an error message that must stay short.

@@ -74,10 +74,19 @@ pub struct LinkRequest<'a> {
     pub method: &'a Method,
     /// Path and query, passed on as they came.
     pub target: &'a str,
-    /// Headers to send.
-    pub headers: &'a [(HeaderName, HeaderValue)],
+    /// Headers to take the sent ones from.
+    pub headers: &'a HeaderMap,
+    /// The headers sent: those of `headers` with these names (read in place, so forwarding
+    /// a client's request copies nothing into a list first).
+    pub pass: &'a [HeaderName],
     /// Body.
     pub body: &'a [u8],
+}
+
+/// An empty header map, for a [`LinkRequest`] that sends no headers.
+pub fn no_headers() -> &'static HeaderMap {
+    static EMPTY: std::sync::OnceLock<HeaderMap> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(HeaderMap::new)
 }
 
 /// A request as a node decodes it.
@@ -96,9 +105,11 @@ struct Incoming {
 fn put_request(out: &mut BytesMut, id: u32, req: &LinkRequest<'_>) {
     let at = begin_frame(out, id);
     put_short(out, req.method.as_str().as_bytes());
+    // Fits: the `http` crate refuses URIs of 64 KiB or more.
     out.put_u16(req.target.len() as u16);
     out.put_slice(req.target.as_bytes());
-    put_headers(out, req.headers.iter().map(|(n, v)| (n, v)));
+    let pass = req.pass.iter();
+    put_headers(out, pass.filter_map(|n| Some((n, req.headers.get(n)?))));
     out.put_slice(req.body);
     end_frame(out, at);
 }
@@ -688,7 +699,8 @@ mod tests {
     use super::*;
 
     fn request_frame(id: u32, method: &Method, target: &str, body: &[u8]) -> BytesMut {
-        let headers = [(hyper::header::IF_MATCH, HeaderValue::from_static("\"1-2\""))];
+        let mut headers = HeaderMap::new();
+        headers.insert(hyper::header::IF_MATCH, HeaderValue::from_static("\"1-2\""));
         let mut out = BytesMut::new();
         put_request(
             &mut out,
@@ -697,6 +709,7 @@ mod tests {
                 method,
                 target,
                 headers: &headers,
+                pass: &[hyper::header::IF_MATCH],
                 body,
             },
         );
@@ -792,7 +805,8 @@ mod tests {
         let req = LinkRequest {
             method: &Method::GET,
             target: "/",
-            headers: &[],
+            headers: no_headers(),
+            pass: &[],
             body: b"",
         };
         let size = std::mem::size_of_val(&links.send("127.0.0.1:1", req, Duration::from_secs(1)));
@@ -849,7 +863,8 @@ mod tests {
         LinkRequest {
             method: &Method::GET,
             target,
-            headers: &[],
+            headers: no_headers(),
+            pass: &[],
             body: b"",
         }
     }
@@ -875,7 +890,8 @@ mod tests {
                 let req = LinkRequest {
                     method: &Method::PUT,
                     target: &target,
-                    headers: &[],
+                    headers: no_headers(),
+                    pass: &[],
                     body: &body,
                 };
                 let resp = links

@@ -136,14 +136,49 @@ struct Member {
     id: String,
     shard: u32,
     proc: Option<Proc>,
+    restarts: Restarts,
+}
+
+/// When a supervised child may be started again: the wait grows with the failures in a
+/// row, which are forgotten once the child has stayed up a while.
+struct Restarts {
     failures: u32,
     restart_at: Instant,
     started_at: Instant,
 }
 
-/// Wait before restarting a child that failed `failures` times in a row.
-fn backoff(failures: u32) -> Duration {
-    Duration::from_millis(100 << failures.min(6))
+impl Restarts {
+    /// A child that has just started.
+    fn new() -> Self {
+        Restarts {
+            failures: 0,
+            restart_at: Instant::now(),
+            started_at: Instant::now(),
+        }
+    }
+
+    /// The child exited or could not start: wait longer before the next try.
+    fn failed(&mut self) {
+        self.failures += 1;
+        self.restart_at = Instant::now() + Duration::from_millis(100 << self.failures.min(6));
+    }
+
+    /// Whether the wait since the last failure is over.
+    fn due(&self) -> bool {
+        Instant::now() >= self.restart_at
+    }
+
+    /// The child started again.
+    fn started(&mut self) {
+        self.started_at = Instant::now();
+    }
+
+    /// Called while the child runs: one up for 30 s is healthy again.
+    fn running(&mut self) {
+        if self.started_at.elapsed() > Duration::from_secs(30) {
+            self.failures = 0;
+        }
+    }
 }
 
 /// Starts a child and waits for it to announce `labels` on stdout (`label ADDR` lines).
@@ -264,9 +299,7 @@ struct RouterChild {
     address: String,
     /// Admin address of the running router (a restart picks a new one).
     admin: String,
-    failures: u32,
-    restart_at: Instant,
-    started_at: Instant,
+    restarts: Restarts,
 }
 
 /// Whether `args` give the flag `--NAME` (as `--NAME V` or `--NAME=V`).
@@ -381,18 +414,14 @@ impl Supervisor {
         if let Some(p) = &mut r.proc {
             match p.child.try_wait() {
                 Ok(None) => {
-                    // A router that stayed up a while is healthy again; forget old failures.
-                    if r.started_at.elapsed() > Duration::from_secs(30) {
-                        r.failures = 0;
-                    }
+                    r.restarts.running();
                     return;
                 }
                 Ok(Some(status)) => {
                     tracing::warn!(%status, "router exited");
                     println!("router exited ({status}); restarting");
                     r.proc = None;
-                    r.failures += 1;
-                    r.restart_at = Instant::now() + backoff(r.failures);
+                    r.restarts.failed();
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot check the router");
@@ -400,7 +429,7 @@ impl Supervisor {
                 }
             }
         }
-        if Instant::now() < r.restart_at {
+        if !r.restarts.due() {
             return;
         }
         match start_router(&self.cfg, &r.address).await {
@@ -408,15 +437,14 @@ impl Supervisor {
                 println!("router restarted at http://{} (pid {})", p.address, p.pid);
                 r.proc = Some(p);
                 r.admin = admin;
-                r.started_at = Instant::now();
+                r.restarts.started();
                 // It read the topology file at start; push too, in case the file is behind.
                 self.publish(&self.state.topology.clone()).await;
             }
             Err(e) => {
                 tracing::error!(error = %e, "router restart failed");
                 println!("router restart failed: {e}; retrying");
-                r.failures += 1;
-                r.restart_at = Instant::now() + backoff(r.failures);
+                r.restarts.failed();
             }
         }
     }
@@ -434,8 +462,7 @@ impl Supervisor {
                         tracing::warn!(replica = %m.id, %status, "replica exited");
                         println!("replica {} exited ({status}); restarting", m.id);
                         m.proc = None;
-                        m.failures += 1;
-                        m.restart_at = Instant::now() + backoff(m.failures);
+                        m.restarts.failed();
                         false
                     }
                     Err(_) => false,
@@ -501,7 +528,7 @@ impl Supervisor {
         let Some(i) = self.members.iter().position(|m| m.id == replica) else {
             return;
         };
-        if self.members[i].proc.is_some() || Instant::now() < self.members[i].restart_at {
+        if self.members[i].proc.is_some() || !self.members[i].restarts.due() {
             return;
         }
         match self.start_member(replica).await {
@@ -509,19 +536,16 @@ impl Supervisor {
                 println!("replica {replica} restarted at {}", p.address);
                 let m = &mut self.members[i];
                 m.proc = Some(p);
-                m.started_at = Instant::now();
+                m.restarts.started();
             }
             Err(e) => {
                 tracing::error!(%replica, error = %e, "restart failed");
-                let m = &mut self.members[i];
-                m.failures += 1;
-                m.restart_at = Instant::now() + backoff(m.failures);
+                self.members[i].restarts.failed();
             }
         }
-        // A replica that stayed up a while is healthy again; forget old failures.
         for m in &mut self.members {
-            if m.proc.is_some() && m.started_at.elapsed() > Duration::from_secs(30) {
-                m.failures = 0;
+            if m.proc.is_some() {
+                m.restarts.running();
             }
         }
     }
@@ -686,9 +710,7 @@ pub async fn run(
             address: router.address.clone(),
             proc: Some(router),
             admin: router_admin,
-            failures: 0,
-            restart_at: Instant::now(),
-            started_at: Instant::now(),
+            restarts: Restarts::new(),
         },
         admin: AdminClient::new(Duration::from_millis(250)),
         epoch0: Instant::now(),
@@ -714,9 +736,7 @@ pub async fn run(
             id,
             shard,
             proc: Some(p),
-            failures: 0,
-            restart_at: Instant::now(),
-            started_at: Instant::now(),
+            restarts: Restarts::new(),
         });
     }
     // The router may have loaded an older topology file; make sure it gets the current one.

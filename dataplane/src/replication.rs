@@ -402,6 +402,7 @@ impl Leadership {
 
 /// Streams the leader's log to one follower until the task is aborted (role change) or
 /// the leader learns it was deposed.
+///
 /// Batches go over the `links` (one connection per follower, shared with nothing else
 /// that waits); snapshots, long streams, over `http`.
 pub async fn stream_to_follower(
@@ -538,14 +539,11 @@ async fn replicate_once(
         entries,
     };
     let body = postcard::to_stdvec(&req).map_err(|e| StreamError::Protocol(e.to_string()))?;
-    let headers = [(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/octet-stream"),
-    )];
     let request = LinkRequest {
         method: &hyper::Method::POST,
         target: "/internal/replicate",
-        headers: &headers,
+        headers: crate::link::no_headers(),
+        pass: &[],
         body: &body,
     };
     let resp = links

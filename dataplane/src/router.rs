@@ -10,8 +10,7 @@ use std::time::Duration;
 use axum::Router as App;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::uri::PathAndQuery;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use bytes::Bytes;
@@ -182,16 +181,12 @@ impl Router {
         &self,
         key: &[u8],
         method: Method,
-        path_and_query: PathAndQuery,
+        path_and_query: &str,
         headers: &HeaderMap,
         body: Bytes,
         stale: bool,
     ) -> Result<Response, ApiError> {
         let slot = slot_for(key);
-        let fwd: Vec<(HeaderName, HeaderValue)> = FORWARD_REQUEST
-            .iter()
-            .filter_map(|h| Some((h.clone(), headers.get(h)?.clone())))
-            .collect();
         let mut hint: Option<String> = None;
         for attempt in 0..2 {
             let routing = self.routing();
@@ -212,8 +207,9 @@ impl Router {
             };
             let request = LinkRequest {
                 method: &method,
-                target: path_and_query.as_str(),
-                headers: &fwd,
+                target: path_and_query,
+                headers,
+                pass: &FORWARD_REQUEST,
                 body: &body,
             };
             let result = self.nodes.send(&addr, request, timeout).await;
@@ -294,10 +290,8 @@ fn into_response(r: client::Response) -> Response {
 
 type RouterState = State<Arc<Router>>;
 
-fn path_and_query(uri: &Uri) -> PathAndQuery {
-    uri.path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"))
+fn path_and_query(uri: &Uri) -> &str {
+    uri.path_and_query().map_or("/", |p| p.as_str())
 }
 
 async fn forward_v1(State(r): RouterState, req: Request) -> Result<Response, ApiError> {
@@ -314,9 +308,9 @@ async fn forward_v1(State(r): RouterState, req: Request) -> Result<Response, Api
     if method == Method::PUT {
         api::condition(&headers)?;
     }
-    let pq = path_and_query(&uri);
     let stale = method == Method::GET && api::wants_stale(uri.query());
-    r.forward(&key, method, pq, &headers, body, stale).await
+    r.forward(&key, method, path_and_query(&uri), &headers, body, stale)
+        .await
 }
 
 async fn forward_demo_put(State(r): RouterState, headers: HeaderMap, body: Body) -> Response {
@@ -326,7 +320,7 @@ async fn forward_demo_put(State(r): RouterState, headers: HeaderMap, body: Body)
         r.forward(
             put.key.as_bytes(),
             Method::POST,
-            PathAndQuery::from_static("/put"),
+            "/put",
             &headers,
             body,
             false,
@@ -344,10 +338,16 @@ async fn forward_demo_key(
 ) -> Response {
     let run = async {
         let key = api::demo_key(uri.query(), &r.cfg.limits)?;
-        let pq = path_and_query(&uri);
         let stale = uri.path() == "/get" && api::wants_stale(uri.query());
-        r.forward(&key, method, pq, &headers, Bytes::new(), stale)
-            .await
+        r.forward(
+            &key,
+            method,
+            path_and_query(&uri),
+            &headers,
+            Bytes::new(),
+            stale,
+        )
+        .await
     };
     run.await.unwrap_or_else(ApiError::into_demo)
 }
