@@ -3,16 +3,24 @@
 //! Three tables: `kv` keyed by `(slot, key)` so a slot can be scanned, `log` keyed by
 //! sequence number for replication, and `meta` for the highest epoch seen and the log
 //! positions. Every change goes through one writer thread that drains whatever requests
-//! are waiting into a single write transaction and a single fsync (group commit).
+//! are waiting into one batch, made durable by one write-ahead-log append and one fsync
+//! (group commit).
+//!
+//! The writer does not write batches to redb. It applies them to an in-memory [`Layer`]
+//! that readers consult before redb; every 250 ms that layer is frozen and a flusher
+//! thread writes it to redb in one durable transaction, while the writer goes on with a
+//! new one. A redb commit and its B-tree page copies are thus paid four times a second
+//! rather than per batch, and never on a client's write path.
 //!
 //! Every log record keeps the value it replaced (its before-image). That is what lets a
 //! replica truncate a log suffix that was never committed: the writes are undone in
 //! reverse order, so the data always equals the effect of the log as it now stands.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
-use std::time::Instant;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -35,11 +43,11 @@ const META_SNAPSHOT_PARTIAL: &str = "snapshot_partial";
 /// Most requests the writer folds into one transaction; bounds the latency of one commit.
 const MAX_BATCH: usize = 4096;
 
-/// How often redb is made durable (a checkpoint), after which the write-ahead log restarts;
-/// bounds replay time after a crash.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// How often the writer's layer is frozen and written to redb durably, which frees its
+/// write-ahead-log file; bounds the memory it holds and replay time after a crash.
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
 /// A group commit slower than this is logged: it held up every write of the replica.
-const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(50);
+const SLOW_COMMIT: Duration = Duration::from_millis(50);
 
 /// A place in the replicated log, and the version of every value: the `(epoch, seq)` of
 /// the log entry that wrote it. Ordered by epoch, then sequence.
@@ -106,7 +114,7 @@ impl LogEntry {
 }
 
 /// A log entry as stored: with the value it replaced, so it can be undone.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct StoredEntry {
     entry: LogEntry,
     before: Option<(Position, Bytes)>,
@@ -326,6 +334,7 @@ impl CommitObserver for () {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
+    layers: Arc<RwLock<Layers>>,
     commands: std_mpsc::Sender<Command>,
     state: watch::Receiver<LogState>,
     staged: watch::Receiver<LogState>,
@@ -333,38 +342,50 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir` and starts its writer thread.
+    /// Opens (or creates) the store in `dir` and starts its writer and flusher threads.
     pub fn open(dir: &Path, observer: Arc<dyn CommitObserver>) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
         let path = dir.join("distkv.redb");
         let db = Arc::new(Database::create(&path)?);
         let (state, wiped) = recover(&db)?;
         let io = |e: std::io::Error| StoreError::Io(format!("write-ahead log: {e}"));
-        let (mut wal, batches) = Wal::open(&dir.join("wal")).map_err(io)?;
-        let state = if wiped {
-            state
-        } else {
-            replay(&db, state, batches)?
-        };
-        wal.reset();
+        let (wal, batches) = Wal::open(dir).map_err(io)?;
+        let state = replay(&db, state, batches, wiped)?;
+        let layers = Arc::new(RwLock::new(Layers::new(state)));
         let (state_tx, state_rx) = watch::channel(state);
         let (staged_tx, staged_rx) = watch::channel(state);
         let (tx, rx) = std_mpsc::channel();
+        let (to_flusher, frozen) = std_mpsc::channel();
+        let (flushed_tx, flushed) = std_mpsc::channel();
+        let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(run)
+                .map(drop)
+                .map_err(|e| StoreError::Io(e.to_string()))
+        };
+        let flusher_db = db.clone();
+        spawn(
+            "distkv-flusher",
+            Box::new(move || flusher(&flusher_db, frozen, flushed_tx)),
+        )?;
         let writer = Writer {
             db: db.clone(),
-            state,
+            layers: layers.clone(),
+            lower: None,
+            to_flusher,
+            flushed,
+            flushing: false,
             published: state_tx,
             staged: staged_tx,
             observer,
             wal,
-            checkpointed: Instant::now(),
+            frozen_at: Instant::now(),
         };
-        std::thread::Builder::new()
-            .name("distkv-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| StoreError::Io(e.to_string()))?;
+        spawn("distkv-writer", Box::new(move || writer.run(rx)))?;
         Ok(Store {
             db,
+            layers,
             commands: tx,
             state: state_rx,
             staged: staged_rx,
@@ -485,12 +506,13 @@ impl Store {
 
     /// Reads a key: its version and value.
     pub fn get(&self, slot: Slot, key: &[u8]) -> Result<Option<(Position, Bytes)>, StoreError> {
+        if let Seen::Here(found) = self.layers.read().unwrap().key(key) {
+            return Ok(found);
+        }
+        // No layer holds the key now, so redb has its latest value: the writer drops a
+        // layer only after redb committed it.
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(KV)?;
-        Ok(table.get((slot, key))?.map(|v| {
-            let (pos, value) = decode_value(v.value());
-            (pos, Bytes::copy_from_slice(value))
-        }))
+        kv_get(&txn.open_table(KV)?, slot, key)
     }
 
     /// Reads log entries `from..=upto`, at most `max_entries` of them (and about
@@ -502,16 +524,28 @@ impl Store {
         max_entries: usize,
         max_bytes: usize,
     ) -> Result<Vec<LogEntry>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(LOG)?;
+        // Held throughout, so no layer is dropped between looking in it and in redb.
+        let layers = self.layers.read().unwrap();
+        let mut lower = None;
         let mut out = Vec::new();
         let mut bytes = 0;
-        for item in table.range(from..=upto)? {
-            let (_, v) = item?;
-            let raw = v.value();
-            bytes += raw.len();
-            let stored: StoredEntry = decode_stored(raw)?;
-            out.push(stored.entry);
+        for seq in from..=upto {
+            let entry = match layers.entry(seq) {
+                Seen::Here(Some(stored)) => stored.entry.clone(),
+                Seen::Here(None) => break,
+                Seen::Below => {
+                    let table = match &lower {
+                        Some(t) => t,
+                        None => lower.insert(self.db.begin_read()?.open_table(LOG)?),
+                    };
+                    match log_get(table, seq)? {
+                        Some(stored) => stored.entry,
+                        None => break,
+                    }
+                }
+            };
+            bytes += entry_bytes(&entry);
+            out.push(entry);
             if out.len() >= max_entries || bytes >= max_bytes {
                 break;
             }
@@ -520,15 +554,17 @@ impl Store {
     }
 
     /// Epoch of the entry at `seq`, if the log (or its base) still holds it, as readers
-    /// of the database see it (see [`Store::staged`]).
+    /// see it (see [`Store::staged`]).
     pub fn epoch_at(&self, seq: u64) -> Result<Option<u64>, StoreError> {
         let state = self.staged();
         if seq == state.base.seq {
             return Ok(Some(state.base.epoch));
         }
+        if let Seen::Here(found) = self.layers.read().unwrap().entry(seq) {
+            return Ok(found.map(|s| s.entry.epoch));
+        }
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(LOG)?;
-        table.get(seq)?.map(|v| entry_epoch(v.value())).transpose()
+        Ok(log_get(&txn.open_table(LOG)?, seq)?.map(|s| s.entry.epoch))
     }
 
     /// Streams a consistent copy of every key into `sink`, framed by [`SnapshotCodec`],
@@ -539,6 +575,13 @@ impl Store {
         chunk_bytes: usize,
         mut sink: impl FnMut(Bytes) -> bool,
     ) -> Result<Position, StoreError> {
+        // Copy what redb holds once it holds everything written so far: the copy then
+        // reaches past anything the log has dropped by now.
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Checkpoint { reply: tx })
+            .map_err(|_| StoreError::Closed)?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)??;
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
         let state = read_state(&meta)?;
@@ -561,18 +604,32 @@ impl Store {
     }
 
     /// Recomputes key count and digest by scanning every key (the maintained values in
-    /// [`LogState`] must equal these; tests check that they do).
+    /// [`LogState`] must equal these; tests check that they do). Holds up writes while
+    /// it runs.
     pub fn scan_digest(&self) -> Result<(u64, u128), StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(KV)?;
+        let layers = self.layers.read().unwrap();
+        let (recent, wiped) = layers.all_keys();
         let mut keys = 0;
         let mut digest = 0u128;
-        for item in table.iter()? {
-            let (k, v) = item?;
-            let (slot, key) = k.value();
-            let (version, value) = decode_value(v.value());
+        let mut count = |slot, key: &[u8], version, value: &[u8]| {
             keys += 1;
             digest ^= record_hash(slot, key, version, value);
+        };
+        if !wiped {
+            let txn = self.db.begin_read()?;
+            for item in txn.open_table(KV)?.iter()? {
+                let (k, v) = item?;
+                let (slot, key) = k.value();
+                if !recent.contains_key(key) {
+                    let (version, value) = decode_value(v.value());
+                    count(slot, key, version, value);
+                }
+            }
+        }
+        for (key, (slot, found)) in recent {
+            if let Some((version, value)) = found {
+                count(*slot, key, *version, value);
+            }
         }
         Ok((keys, digest))
     }
@@ -667,10 +724,6 @@ fn decode_stored(raw: &[u8]) -> Result<StoredEntry, StoreError> {
     postcard::from_bytes(raw).map_err(|e| StoreError::Io(format!("corrupt log entry: {e}")))
 }
 
-fn entry_epoch(raw: &[u8]) -> Result<u64, StoreError> {
-    Ok(decode_stored(raw)?.entry.epoch)
-}
-
 fn record_hash(slot: Slot, key: &[u8], version: Position, value: &[u8]) -> u128 {
     let mut h = Xxh3::new();
     h.update(&slot.to_le_bytes());
@@ -721,49 +774,298 @@ fn recover(db: &Database) -> Result<(LogState, bool), StoreError> {
     Ok((state, wiped))
 }
 
-/// Redoes the write-ahead-log batches the last checkpoint does not hold, then checkpoints.
-fn replay(db: &Database, mut st: LogState, batches: Vec<WalBatch>) -> Result<LogState, StoreError> {
-    let pending: Vec<WalBatch> = batches
-        .into_iter()
-        .filter(|b| b.number > st.wal_batch)
-        .collect();
-    if pending.is_empty() {
+fn kv_get(
+    table: &impl ReadableTable<(u16, &'static [u8]), &'static [u8]>,
+    slot: Slot,
+    key: &[u8],
+) -> Result<Option<(Position, Bytes)>, StoreError> {
+    Ok(table.get((slot, key))?.map(|v| {
+        let (pos, value) = decode_value(v.value());
+        (pos, Bytes::copy_from_slice(value))
+    }))
+}
+
+fn log_get(
+    table: &impl ReadableTable<u64, &'static [u8]>,
+    seq: u64,
+) -> Result<Option<StoredEntry>, StoreError> {
+    table
+        .get(seq)?
+        .map(|v| decode_stored(v.value()))
+        .transpose()
+}
+
+/// About the bytes an entry takes, for size limits.
+fn entry_bytes(entry: &LogEntry) -> usize {
+    32 + entry.key.len()
+        + match &entry.op {
+            Op::Put(v) => v.len(),
+            Op::Delete => 0,
+        }
+}
+
+/// Redoes the write-ahead-log batches the last flush does not hold and makes them durable
+/// in redb. Returns the state, numbered past every batch found, so that a batch left over
+/// in a log file can never pass for a new one.
+fn replay(
+    db: &Database,
+    st: LogState,
+    batches: Vec<WalBatch>,
+    wiped: bool,
+) -> Result<LogState, StoreError> {
+    let newest = batches.last().map_or(0, |b| b.number);
+    let mut pending = Vec::new();
+    if !wiped {
+        for batch in batches {
+            if batch.number == st.wal_batch + 1 + pending.len() as u64 {
+                pending.push(batch);
+            } else if batch.number > st.wal_batch {
+                tracing::error!(
+                    number = batch.number,
+                    "write-ahead log has a gap; ignoring the batches after it"
+                );
+                break;
+            }
+        }
+    }
+    if pending.is_empty() && newest <= st.wal_batch {
         return Ok(st);
     }
     tracing::info!(batches = pending.len(), from = ?st.last, "replaying the write-ahead log");
+    let mut layers = Layers::new(st);
+    let lower = Lower::open(db)?;
+    let mut tx = Tx {
+        layers: &mut layers,
+        lower: &lower,
+        wal: Vec::new(),
+    };
+    for batch in pending {
+        for record in batch.records {
+            match record {
+                WalRecord::Epoch(e) => tx.changed().state.epoch = tx.st().epoch.max(e),
+                WalRecord::Apply(entry) => tx.apply(entry)?,
+                WalRecord::TruncateAfter(seq) => tx.truncate_after(seq)?,
+                WalRecord::Trim(seq) => tx.trim(seq),
+            }
+        }
+    }
+    drop(lower);
+    let mut layer = layers.active;
+    layer.state.wal_batch = layer.state.wal_batch.max(newest);
+    write_layer(db, &layer)?;
+    tracing::info!(last = ?layer.state.last, "write-ahead log replayed");
+    Ok(layer.state)
+}
+
+/// What the layers know of a key or log entry: its newest state, or nothing, so that
+/// redb has it.
+enum Seen<T> {
+    Here(T),
+    Below,
+}
+
+/// Changes not yet written to redb, from one stretch of time.
+#[derive(Default)]
+struct Layer {
+    /// The newest value of every key changed here, `None` once removed.
+    kv: HashMap<Bytes, (Slot, Option<(Position, Bytes)>)>,
+    /// Log entries stored here, `None` for one a truncation removed.
+    log: BTreeMap<u64, Option<StoredEntry>>,
+    /// Log entries up to this seq were trimmed (0: none).
+    trimmed: u64,
+    /// Everything beneath this layer is gone: a snapshot install began here.
+    wiped: bool,
+    /// A snapshot install began (`Some(true)`) or finished (`Some(false)`) here.
+    snapshot_partial: Option<bool>,
+    /// The log state after this layer's changes.
+    state: LogState,
+    /// Whether it holds any change at all.
+    dirty: bool,
+}
+
+/// The writer's layer, and the one before it while the flusher writes it to redb.
+struct Layers {
+    active: Layer,
+    frozen: Option<Arc<Layer>>,
+}
+
+impl Layers {
+    fn new(state: LogState) -> Layers {
+        Layers {
+            active: Layer {
+                state,
+                ..Layer::default()
+            },
+            frozen: None,
+        }
+    }
+
+    /// Newest first.
+    fn each(&self) -> impl Iterator<Item = &Layer> {
+        std::iter::once(&self.active).chain(self.frozen.as_deref())
+    }
+
+    fn key(&self, key: &[u8]) -> Seen<Option<(Position, Bytes)>> {
+        for layer in self.each() {
+            if let Some((_, found)) = layer.kv.get(key) {
+                return Seen::Here(found.clone());
+            }
+            if layer.wiped {
+                return Seen::Here(None);
+            }
+        }
+        Seen::Below
+    }
+
+    fn entry(&self, seq: u64) -> Seen<Option<&StoredEntry>> {
+        for layer in self.each() {
+            if let Some(found) = layer.log.get(&seq) {
+                return Seen::Here(found.as_ref());
+            }
+            if seq <= layer.trimmed || layer.wiped {
+                return Seen::Here(None);
+            }
+        }
+        Seen::Below
+    }
+
+    /// Every key the layers hold, newest state first, and whether they hide all of redb.
+    #[allow(clippy::type_complexity)]
+    fn all_keys(&self) -> (HashMap<&[u8], &(Slot, Option<(Position, Bytes)>)>, bool) {
+        let mut out = HashMap::new();
+        for layer in self.each() {
+            for (key, change) in &layer.kv {
+                out.entry(key.as_ref()).or_insert(change);
+            }
+            if layer.wiped {
+                return (out, true);
+            }
+        }
+        (out, false)
+    }
+}
+
+/// Writes a frozen layer to redb in one durable transaction.
+fn write_layer(db: &Database, layer: &Layer) -> Result<(), StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
-    in_tables(&txn, &mut st, |tx, _| {
-        for batch in pending {
-            for record in batch.records {
-                match record {
-                    WalRecord::Epoch(e) => tx.st.epoch = tx.st.epoch.max(e),
-                    WalRecord::Apply(entry) => tx.apply(entry)?,
-                    WalRecord::TruncateAfter(seq) => tx.truncate_after(seq)?,
-                    WalRecord::Trim(seq) => tx.trim(seq)?,
+    {
+        let mut kv = txn.open_table(KV)?;
+        let mut log = txn.open_table(LOG)?;
+        let mut meta = txn.open_table(META)?;
+        if layer.wiped {
+            kv.retain(|_, _| false)?;
+            log.retain(|_, _| false)?;
+        }
+        if layer.trimmed > 0 {
+            log.retain_in(..=layer.trimmed, |_, _| false)?;
+        }
+        // In key order: neighbouring inserts then touch the same pages.
+        let mut keys: Vec<_> = layer.kv.iter().collect();
+        keys.sort_unstable_by(|a, b| (a.1.0, a.0).cmp(&(b.1.0, b.0)));
+        for (key, (slot, found)) in keys {
+            match found {
+                Some((version, value)) => {
+                    kv.insert(
+                        (*slot, key.as_ref()),
+                        encode_value(*version, value).as_slice(),
+                    )?;
+                }
+                None => {
+                    kv.remove((*slot, key.as_ref()))?;
                 }
             }
-            tx.st.wal_batch = batch.number;
         }
-        Ok(())
-    })?;
+        for (seq, found) in &layer.log {
+            match found {
+                Some(stored) => {
+                    let raw =
+                        postcard::to_stdvec(stored).map_err(|e| StoreError::Io(e.to_string()))?;
+                    log.insert(*seq, raw.as_slice())?;
+                }
+                None => {
+                    log.remove(*seq)?;
+                }
+            }
+        }
+        match layer.snapshot_partial {
+            Some(true) => drop(meta.insert(META_SNAPSHOT_PARTIAL, [1u8].as_slice())?),
+            Some(false) => drop(meta.remove(META_SNAPSHOT_PARTIAL)?),
+            None => {}
+        }
+        meta.insert(META_STATE, layer.state.encode().as_slice())?;
+    }
     txn.commit()?;
-    tracing::info!(last = ?st.last, "write-ahead log replayed");
-    Ok(st)
+    Ok(())
+}
+
+/// The flusher thread: writes each frozen layer to redb, then tells the writer. A failure
+/// (a full disk) is retried: the layer's batches stay in their log file meanwhile, and
+/// the writer holds off once its own file is full.
+fn flusher(db: &Database, frozen: std_mpsc::Receiver<Arc<Layer>>, done: std_mpsc::Sender<()>) {
+    while let Ok(layer) = frozen.recv() {
+        let mut pause = Duration::from_millis(10);
+        while let Err(e) = write_layer(db, &layer) {
+            tracing::error!(error = %e, "writing changes to the database failed; retrying");
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+        if done.send(()).is_err() {
+            return;
+        }
+    }
+}
+
+/// redb as the writer reads it beneath its layers.
+struct Lower {
+    kv: redb::ReadOnlyTable<(u16, &'static [u8]), &'static [u8]>,
+    log: redb::ReadOnlyTable<u64, &'static [u8]>,
+}
+
+impl Lower {
+    fn open(db: &Database) -> Result<Lower, StoreError> {
+        let txn = db.begin_read()?;
+        Ok(Lower {
+            kv: txn.open_table(KV)?,
+            log: txn.open_table(LOG)?,
+        })
+    }
+
+    fn get(&self, slot: Slot, key: &[u8]) -> Option<(Position, Bytes)> {
+        kv_get(&self.kv, slot, key).unwrap_or_else(|e| stop(&e))
+    }
+
+    fn entry(&self, seq: u64) -> Option<StoredEntry> {
+        log_get(&self.log, seq).unwrap_or_else(|e| stop(&e))
+    }
+}
+
+/// Stops the process on a failed read of redb by the writer: it may be halfway through a
+/// change it cannot take back, and a restart replays the write-ahead log.
+fn stop(e: &StoreError) -> ! {
+    tracing::error!(error = %e, "reading the database failed while applying changes; stopping");
+    std::process::abort();
 }
 
 struct Writer {
     db: Arc<Database>,
-    state: LogState,
+    layers: Arc<RwLock<Layers>>,
+    /// redb as of the frozen layer's start, until the flusher has written that layer.
+    lower: Option<Lower>,
+    to_flusher: std_mpsc::Sender<Arc<Layer>>,
+    flushed: std_mpsc::Receiver<()>,
+    /// A frozen layer is being written.
+    flushing: bool,
     published: watch::Sender<LogState>,
-    /// Moves as soon as a batch is visible in the database, before its log sync.
+    /// Moves as soon as a batch is visible to readers, before its log sync.
     staged: watch::Sender<LogState>,
     observer: Arc<dyn CommitObserver>,
     wal: Wal,
-    checkpointed: Instant,
+    /// When the active layer began.
+    frozen_at: Instant,
 }
 
-/// A reply owed once the transaction commits (or fails).
+/// A reply owed once the batch is durable.
 enum Reply {
     Write(
         oneshot::Sender<Result<WriteOutcome, StoreError>>,
@@ -785,22 +1087,13 @@ enum Reply {
 }
 
 impl Reply {
-    fn send(self, state: LogState, failure: Option<&StoreError>) {
-        fn fail<T>(
-            failure: Option<&StoreError>,
-            r: Result<T, StoreError>,
-        ) -> Result<T, StoreError> {
-            match failure {
-                Some(e) => Err(e.clone()),
-                None => r,
-            }
-        }
+    fn send(self, state: LogState) {
         match self {
-            Reply::Write(tx, r) => drop(tx.send(fail(failure, r))),
-            Reply::Append(tx, r) => drop(tx.send(fail(failure, r))),
-            Reply::Epoch(tx, r) => drop(tx.send(fail(failure, r))),
-            Reply::Unit(tx, r) => drop(tx.send(fail(failure, r))),
-            Reply::State(tx) => drop(tx.send(fail(failure, Ok(state)))),
+            Reply::Write(tx, r) => drop(tx.send(r)),
+            Reply::Append(tx, r) => drop(tx.send(r)),
+            Reply::Epoch(tx, r) => drop(tx.send(r)),
+            Reply::Unit(tx, r) => drop(tx.send(r)),
+            Reply::State(tx) => drop(tx.send(Ok(state))),
         }
     }
 }
@@ -820,265 +1113,312 @@ impl Writer {
             }
             let started = Instant::now();
             let n = batch.len();
-            let mut replies = Vec::with_capacity(n);
-            let mut next = self.state;
-            let result = self.execute(batch, &mut next, &mut replies);
-            match result {
-                Ok(()) => {
-                    self.state = next;
-                    self.published.send_replace(next);
-                    let took = started.elapsed();
-                    self.observer.committed(n, took.as_secs_f64());
-                    if took >= SLOW_COMMIT {
-                        // Every write on this replica waited this long; say why it was slow.
-                        tracing::warn!(
-                            ms = took.as_millis() as u64,
-                            requests = n,
-                            checkpoint = self.checkpointed.elapsed() < took,
-                            wal_bytes = self.wal.len(),
-                            "slow group commit"
-                        );
-                    }
-                    for r in replies {
-                        r.send(next, None);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "write transaction failed; batch rolled back");
-                    for r in replies {
-                        r.send(self.state, Some(&e));
-                    }
-                }
+            let state = self.commit(batch);
+            let took = started.elapsed();
+            self.observer.committed(n, took.as_secs_f64());
+            if took >= SLOW_COMMIT {
+                // Every write on this replica waited this long; say why it was slow.
+                tracing::warn!(
+                    ms = took.as_millis() as u64,
+                    requests = n,
+                    flushing = self.flushing,
+                    wal_bytes = self.wal.len(),
+                    "slow group commit"
+                );
             }
+            tracing::trace!(?state, "committed");
         }
         // Every handle is gone: leave nothing to replay.
-        let mut st = self.state;
-        if let Err(e) = self.execute(
-            vec![Command::Checkpoint {
-                reply: oneshot::channel().0,
-            }],
-            &mut st,
-            &mut Vec::new(),
-        ) {
-            tracing::warn!(error = %e, "final checkpoint failed; the log will be replayed");
-        }
+        self.drain();
     }
 
-    /// Runs a batch in one transaction. Replies are collected, not sent, so nobody hears
-    /// "done" before the fsync.
-    fn execute(
-        &mut self,
-        batch: Vec<Command>,
-        st: &mut LogState,
-        replies: &mut Vec<Reply>,
-    ) -> Result<(), StoreError> {
-        // The batch's frame size is not known yet; its keys and values bound it.
-        let estimate: u64 = batch.iter().map(Command::wal_estimate).sum();
-        let checkpoint = batch.iter().any(Command::needs_checkpoint)
-            || self.checkpointed.elapsed() >= CHECKPOINT_EVERY
-            || !self.wal.has_room(estimate);
-        let mut txn = self.db.begin_write()?;
-        // Between checkpoints redb commits without fsync: the write-ahead log append below
-        // is what makes the batch durable.
-        txn.set_durability(if checkpoint {
-            Durability::Immediate
+    /// Applies a batch, makes it durable and answers its requests; returns the state.
+    fn commit(&mut self, batch: Vec<Command>) -> LogState {
+        // Changes that are not in the write-ahead log (a snapshot's data) are made durable
+        // by writing everything to redb, before and after them.
+        let durable_in_redb = batch.iter().any(Command::needs_checkpoint);
+        if durable_in_redb {
+            self.drain();
         } else {
-            Durability::None
-        })?;
-        let records = in_tables(&txn, st, |tx, meta| {
-            for cmd in batch {
-                match cmd {
-                    Command::Write {
-                        epoch,
-                        slot,
-                        key,
-                        op,
-                        cond,
-                        reply,
-                    } => {
-                        let r = tx.client_write(epoch, slot, key, op, cond);
-                        replies.push(Reply::Write(reply, r));
-                    }
-                    Command::Append {
-                        epoch,
-                        prev,
-                        entries,
-                        leader_last,
-                        reply,
-                    } => {
-                        let r = tx.append(epoch, prev, entries, leader_last);
-                        replies.push(Reply::Append(reply, r));
-                    }
-                    Command::RaiseEpoch { epoch, reply } => {
-                        let r = tx.raise_epoch(epoch).map(|()| epoch);
-                        replies.push(Reply::Epoch(reply, r));
-                    }
-                    Command::Trim { upto } => tx.trim(upto)?,
-                    Command::SnapshotBegin { epoch, reply } => {
-                        let r = if let Err(e) = tx.raise_epoch(epoch) {
-                            Err(e)
-                        } else {
-                            meta.insert(META_SNAPSHOT_PARTIAL, [1u8].as_slice())?;
-                            tx.kv.retain(|_, _| false)?;
-                            tx.log.retain(|_, _| false)?;
-                            tx.st.keys = 0;
-                            tx.st.digest = 0;
-                            tx.st.last = Position::default();
-                            tx.st.base = Position::default();
-                            Ok(())
-                        };
-                        replies.push(Reply::Unit(reply, r));
-                    }
-                    Command::SnapshotChunk { records, reply } => {
-                        for r in &records {
-                            tx.put_kv(r.slot, &r.key, r.version, &r.value)?;
-                        }
-                        replies.push(Reply::Unit(reply, Ok(())));
-                    }
-                    Command::SnapshotEnd { at, reply } => {
-                        meta.remove(META_SNAPSHOT_PARTIAL)?;
-                        tx.st.last = at;
-                        tx.st.base = at;
-                        replies.push(Reply::State(reply));
-                    }
-                    Command::Checkpoint { reply } => replies.push(Reply::Unit(reply, Ok(()))),
-                }
-            }
-            let records = std::mem::take(&mut tx.wal);
-            if !records.is_empty() {
-                tx.st.wal_batch += 1;
-            }
-            Ok(records)
-        })?;
-        txn.commit()?;
-        self.staged.send_replace(*st);
-        let logged = if checkpoint {
-            self.checkpointed = Instant::now();
-            self.wal.reset();
-            Ok(())
-        } else if records.is_empty() {
-            Ok(())
-        } else {
-            self.wal.append(&WalBatch {
-                number: st.wal_batch,
+            // The batch's frame size is not known yet; its keys and values bound it.
+            self.maybe_freeze(batch.iter().map(Command::wal_estimate).sum());
+        }
+        let (records, replies, state) = self.apply(batch);
+        self.staged.send_replace(state);
+        if durable_in_redb {
+            self.drain();
+        } else if !records.is_empty() {
+            let logged = self.wal.append(&WalBatch {
+                number: state.wal_batch,
                 records,
-            })
-        };
-        if let Err(e) = logged {
-            // redb now holds changes the log may not: carrying on could acknowledge a
-            // write that a crash loses. Stop; a restart replays what did reach the disk.
-            tracing::error!(error = %e, path = %self.wal.path().display(), "write-ahead log failed; stopping");
-            std::process::abort();
+            });
+            if let Err(e) = logged {
+                // Readers may have seen changes the log does not hold: carrying on could
+                // acknowledge a write that a crash loses. Stop; a restart replays what did
+                // reach the disk.
+                tracing::error!(error = %e, path = %self.wal.path().display(), "write-ahead log failed; stopping");
+                std::process::abort();
+            }
         }
-        Ok(())
+        self.published.send_replace(state);
+        for r in replies {
+            r.send(state);
+        }
+        state
+    }
+
+    /// Runs a batch's commands against the active layer. Replies are collected, not
+    /// sent, so nobody hears "done" before the fsync.
+    fn apply(&mut self, batch: Vec<Command>) -> (Vec<WalRecord>, Vec<Reply>, LogState) {
+        let mut replies = Vec::with_capacity(batch.len());
+        if self.lower.is_none() {
+            self.lower = Some(Lower::open(&self.db).unwrap_or_else(|e| stop(&e)));
+        }
+        let mut layers = self.layers.write().unwrap();
+        let mut tx = Tx {
+            layers: &mut layers,
+            lower: self.lower.as_ref().expect("opened above"),
+            wal: Vec::new(),
+        };
+        for cmd in batch {
+            match cmd {
+                Command::Write {
+                    epoch,
+                    slot,
+                    key,
+                    op,
+                    cond,
+                    reply,
+                } => {
+                    let r = tx.client_write(epoch, slot, key, op, cond);
+                    replies.push(Reply::Write(reply, r));
+                }
+                Command::Append {
+                    epoch,
+                    prev,
+                    entries,
+                    leader_last,
+                    reply,
+                } => {
+                    let r = tx.append(epoch, prev, entries, leader_last);
+                    replies.push(Reply::Append(reply, r));
+                }
+                Command::RaiseEpoch { epoch, reply } => {
+                    let r = tx.raise_epoch(epoch).map(|()| epoch);
+                    replies.push(Reply::Epoch(reply, r));
+                }
+                Command::Trim { upto } => tx.trim(upto),
+                Command::SnapshotBegin { epoch, reply } => {
+                    let r = tx.raise_epoch(epoch).map(|()| {
+                        let layer = tx.changed();
+                        layer.kv.clear();
+                        layer.log.clear();
+                        layer.wiped = true;
+                        layer.snapshot_partial = Some(true);
+                        layer.state = LogState {
+                            epoch: layer.state.epoch,
+                            wal_batch: layer.state.wal_batch,
+                            ..LogState::default()
+                        };
+                    });
+                    replies.push(Reply::Unit(reply, r));
+                }
+                Command::SnapshotChunk { records, reply } => {
+                    for r in records {
+                        let before = tx.current(r.slot, &r.key);
+                        tx.set_kv(r.slot, r.key, &before, Some((r.version, r.value)));
+                    }
+                    replies.push(Reply::Unit(reply, Ok(())));
+                }
+                Command::SnapshotEnd { at, reply } => {
+                    let layer = tx.changed();
+                    layer.snapshot_partial = Some(false);
+                    layer.state.last = at;
+                    layer.state.base = at;
+                    replies.push(Reply::State(reply));
+                }
+                Command::Checkpoint { reply } => replies.push(Reply::Unit(reply, Ok(()))),
+            }
+        }
+        let records = std::mem::take(&mut tx.wal);
+        if !records.is_empty() {
+            layers.active.state.wal_batch += 1;
+        }
+        (records, replies, layers.active.state)
+    }
+
+    /// Freezes the active layer when it is due, or when the write-ahead-log file has no
+    /// room left for a batch of `estimate` bytes.
+    fn maybe_freeze(&mut self, estimate: u64) {
+        self.collect_flushed(false);
+        let full = !self.wal.has_room(estimate);
+        let due = full || self.frozen_at.elapsed() >= FLUSH_EVERY;
+        if !due || !self.layers.read().unwrap().active.dirty {
+            return;
+        }
+        if self.flushing {
+            if !full {
+                return;
+            }
+            // The other log file still holds the frozen layer's batches.
+            self.collect_flushed(true);
+        }
+        self.freeze();
+    }
+
+    /// Hands the active layer to the flusher; the next batch goes to the other log file.
+    fn freeze(&mut self) {
+        debug_assert!(!self.flushing);
+        let layer = {
+            let mut layers = self.layers.write().unwrap();
+            let next = Layers::new(layers.active.state).active;
+            let layer = Arc::new(std::mem::replace(&mut layers.active, next));
+            layers.frozen = Some(layer.clone());
+            layer
+        };
+        self.wal.switch();
+        self.frozen_at = Instant::now();
+        self.flushing = self.to_flusher.send(layer).is_ok();
+    }
+
+    /// Drops the frozen layer once the flusher has written it (waiting for that if
+    /// `wait`).
+    fn collect_flushed(&mut self, wait: bool) {
+        if !self.flushing {
+            return;
+        }
+        let done = if wait {
+            self.flushed.recv().is_ok()
+        } else {
+            self.flushed.try_recv().is_ok()
+        };
+        if done {
+            self.layers.write().unwrap().frozen = None;
+            self.lower = None;
+            self.flushing = false;
+        }
+    }
+
+    /// Writes every change to redb and waits until it is durable there.
+    fn drain(&mut self) {
+        self.collect_flushed(true);
+        if self.layers.read().unwrap().active.dirty {
+            self.freeze();
+            self.collect_flushed(true);
+        }
     }
 }
 
-/// Runs `work` on the tables of `txn`, then stores the state it leaves: every change,
-/// by the writer or by the replay at open, goes through here.
-fn in_tables<R>(
-    txn: &redb::WriteTransaction,
-    st: &mut LogState,
-    work: impl FnOnce(
-        &mut Tx<'_, '_>,
-        &mut redb::Table<'_, &'static str, &'static [u8]>,
-    ) -> Result<R, StoreError>,
-) -> Result<R, StoreError> {
-    let mut kv = txn.open_table(KV)?;
-    let mut log = txn.open_table(LOG)?;
-    let mut meta = txn.open_table(META)?;
-    let mut tx = Tx {
-        kv: &mut kv,
-        log: &mut log,
-        st,
-        wal: Vec::new(),
-    };
-    let out = work(&mut tx, &mut meta)?;
-    meta.insert(META_STATE, tx.st.encode().as_slice())?;
-    Ok(out)
-}
-
-/// The tables and state of one open write transaction.
-struct Tx<'a, 't> {
-    kv: &'a mut redb::Table<'t, (u16, &'static [u8]), &'static [u8]>,
-    log: &'a mut redb::Table<'t, u64, &'static [u8]>,
-    st: &'a mut LogState,
-    /// What this transaction did, for the write-ahead log.
+/// The writer's view of one batch: the active layer it changes, over the frozen layer
+/// and redb.
+struct Tx<'a> {
+    layers: &'a mut Layers,
+    lower: &'a Lower,
+    /// What this batch did, for the write-ahead log.
     wal: Vec<WalRecord>,
 }
 
-impl Tx<'_, '_> {
+impl Tx<'_> {
+    fn st(&self) -> &LogState {
+        &self.layers.active.state
+    }
+
+    /// The active layer, to change it.
+    fn changed(&mut self) -> &mut Layer {
+        self.layers.active.dirty = true;
+        &mut self.layers.active
+    }
+
     /// Refuses an epoch below the highest seen; otherwise makes it the highest seen.
     fn raise_epoch(&mut self, epoch: u64) -> Result<(), StoreError> {
-        if epoch < self.st.epoch {
+        let current = self.st().epoch;
+        if epoch < current {
             return Err(StoreError::StaleEpoch {
                 request: epoch,
-                current: self.st.epoch,
+                current,
             });
         }
-        if epoch > self.st.epoch {
-            self.st.epoch = epoch;
+        if epoch > current {
+            self.changed().state.epoch = epoch;
             self.wal.push(WalRecord::Epoch(epoch));
         }
         Ok(())
     }
 
-    fn current(&self, slot: Slot, key: &[u8]) -> Result<Option<(Position, Bytes)>, StoreError> {
-        Ok(self.kv.get((slot, key))?.map(|v| {
-            let (pos, value) = decode_value(v.value());
-            (pos, Bytes::copy_from_slice(value))
-        }))
+    fn current(&self, slot: Slot, key: &[u8]) -> Option<(Position, Bytes)> {
+        match self.layers.key(key) {
+            Seen::Here(found) => found,
+            Seen::Below => self.lower.get(slot, key),
+        }
     }
 
-    fn put_kv(
+    fn entry(&self, seq: u64) -> Option<StoredEntry> {
+        match self.layers.entry(seq) {
+            Seen::Here(found) => found.cloned(),
+            Seen::Below => self.lower.entry(seq),
+        }
+    }
+
+    /// Replaces a key's value `old` (as read) with `new`, keeping count and digest.
+    fn set_kv(
         &mut self,
         slot: Slot,
-        key: &[u8],
-        version: Position,
-        value: &[u8],
-    ) -> Result<(), StoreError> {
-        let old = self
-            .kv
-            .insert((slot, key), encode_value(version, value).as_slice())?;
-        match old {
-            Some(old) => {
-                let (v, val) = decode_value(old.value());
-                self.st.digest ^= record_hash(slot, key, v, val);
-            }
-            None => self.st.keys += 1,
+        key: Bytes,
+        old: &Option<(Position, Bytes)>,
+        new: Option<(Position, Bytes)>,
+    ) {
+        let layer = self.changed();
+        if let Some((version, value)) = old {
+            layer.state.digest ^= record_hash(slot, &key, *version, value);
+            layer.state.keys -= 1;
         }
-        self.st.digest ^= record_hash(slot, key, version, value);
-        Ok(())
-    }
-
-    fn remove_kv(&mut self, slot: Slot, key: &[u8]) -> Result<(), StoreError> {
-        if let Some(old) = self.kv.remove((slot, key))? {
-            let (v, val) = decode_value(old.value());
-            self.st.digest ^= record_hash(slot, key, v, val);
-            self.st.keys -= 1;
+        if let Some((version, value)) = &new {
+            layer.state.digest ^= record_hash(slot, &key, *version, value);
+            layer.state.keys += 1;
         }
-        Ok(())
+        layer.kv.insert(key, (slot, new));
     }
 
     /// Appends one entry to the log and applies it, keeping the before-image.
     fn apply(&mut self, entry: LogEntry) -> Result<(), StoreError> {
-        if entry.seq != self.st.last.seq + 1 {
+        let before = self.current(entry.slot, &entry.key);
+        self.apply_over(entry, before)
+    }
+
+    /// [`Tx::apply`] of an entry whose key now holds `before`.
+    fn apply_over(
+        &mut self,
+        entry: LogEntry,
+        before: Option<(Position, Bytes)>,
+    ) -> Result<(), StoreError> {
+        let last = self.st().last.seq;
+        if entry.seq != last + 1 {
             return Err(StoreError::Io(format!(
-                "refusing a log gap: entry {} after {}",
-                entry.seq, self.st.last.seq
+                "refusing a log gap: entry {} after {last}",
+                entry.seq
             )));
         }
-        let before = self.current(entry.slot, &entry.key)?;
-        match &entry.op {
-            Op::Put(value) => self.put_kv(entry.slot, &entry.key, entry.position(), value)?,
-            Op::Delete => self.remove_kv(entry.slot, &entry.key)?,
-        }
-        self.st.last = entry.position();
+        // Copies: the layer holds them for a while, and a request's bytes may share an
+        // allocation with a whole read buffer.
+        let entry = LogEntry {
+            key: Bytes::copy_from_slice(&entry.key),
+            op: match entry.op {
+                Op::Put(value) => Op::Put(Bytes::copy_from_slice(&value)),
+                Op::Delete => Op::Delete,
+            },
+            ..entry
+        };
+        let new = match &entry.op {
+            Op::Put(value) => Some((entry.position(), value.clone())),
+            Op::Delete => None,
+        };
+        self.set_kv(entry.slot, entry.key.clone(), &before, new);
         self.wal.push(WalRecord::Apply(entry.clone()));
-        let seq = entry.seq;
-        let stored = postcard::to_stdvec(&StoredEntry { entry, before })
-            .map_err(|e| StoreError::Io(e.to_string()))?;
-        self.log.insert(seq, stored.as_slice())?;
+        let layer = self.changed();
+        layer.state.last = entry.position();
+        layer
+            .log
+            .insert(entry.seq, Some(StoredEntry { entry, before }));
         Ok(())
     }
 
@@ -1090,16 +1430,15 @@ impl Tx<'_, '_> {
         op: Op,
         cond: Condition,
     ) -> Result<WriteOutcome, StoreError> {
-        if epoch != self.st.epoch {
+        let st = *self.st();
+        if epoch != st.epoch {
             return Err(StoreError::StaleEpoch {
                 request: epoch,
-                current: self.st.epoch,
+                current: st.epoch,
             });
         }
-        let current = self
-            .kv
-            .get((slot, key.as_ref()))?
-            .map(|v| decode_value(v.value()).0);
+        let before = self.current(slot, &key);
+        let current = before.as_ref().map(|(version, _)| *version);
         match (cond, current) {
             (Condition::IfMatch(want), Some(have)) if want == have => {}
             (Condition::IfMatch(_), _) => return Err(StoreError::PreconditionFailed),
@@ -1110,14 +1449,15 @@ impl Tx<'_, '_> {
         if op == Op::Delete && current.is_none() {
             return Err(StoreError::NotFound);
         }
-        let version = Position::new(epoch, self.st.last.seq + 1);
-        self.apply(LogEntry {
+        let version = Position::new(epoch, st.last.seq + 1);
+        let entry = LogEntry {
             epoch,
             seq: version.seq,
             slot,
             key,
             op,
-        })?;
+        };
+        self.apply_over(entry, before)?;
         Ok(WriteOutcome {
             version,
             created: current.is_none(),
@@ -1125,13 +1465,11 @@ impl Tx<'_, '_> {
     }
 
     fn epoch_at(&self, seq: u64) -> Result<Option<u64>, StoreError> {
-        if seq == self.st.base.seq {
-            return Ok(Some(self.st.base.epoch));
+        let base = self.st().base;
+        if seq == base.seq {
+            return Ok(Some(base.epoch));
         }
-        self.log
-            .get(seq)?
-            .map(|v| entry_epoch(v.value()))
-            .transpose()
+        Ok(self.entry(seq).map(|s| s.entry.epoch))
     }
 
     fn append(
@@ -1147,7 +1485,7 @@ impl Tx<'_, '_> {
             crate::replication::plan_append(&TxLog(self), epoch, prev, &positions, leader_last)?;
         match plan {
             crate::replication::AppendPlan::Mismatch { conflict } => Ok(AppendOutcome::Mismatch {
-                last: self.st.last,
+                last: self.st().last,
                 conflict,
             }),
             crate::replication::AppendPlan::Append {
@@ -1160,69 +1498,73 @@ impl Tx<'_, '_> {
                 for entry in entries.into_iter().skip(skip) {
                     self.apply(entry)?;
                 }
-                Ok(AppendOutcome::Appended { last: self.st.last })
+                Ok(AppendOutcome::Appended {
+                    last: self.st().last,
+                })
             }
         }
     }
 
     /// Undoes and removes every entry after `after`, newest first.
     fn truncate_after(&mut self, after: u64) -> Result<(), StoreError> {
-        if after < self.st.base.seq {
+        let st = *self.st();
+        if after < st.base.seq {
             return Err(StoreError::Io(format!(
                 "cannot truncate to {after}: log starts after {}",
-                self.st.base.seq
+                st.base.seq
             )));
         }
-        let doomed: Vec<u64> = self
-            .log
-            .range(after + 1..)?
-            .map(|r| r.map(|(k, _)| k.value()))
-            .collect::<Result<_, _>>()?;
+        // Everything is read before anything changes: a missing entry refuses the whole.
+        let doomed = (after + 1..=st.last.seq)
+            .map(|seq| {
+                self.entry(seq)
+                    .ok_or_else(|| StoreError::Io(format!("log entry {seq} is missing")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let epoch = self.epoch_at(after)?.unwrap_or(0);
         tracing::warn!(
             from = after + 1,
-            to = self.st.last.seq,
+            to = st.last.seq,
             "truncating a divergent log suffix"
         );
-        for seq in doomed.into_iter().rev() {
-            let raw = self.log.remove(seq)?.expect("listed entry exists");
-            let stored = decode_stored(raw.value())?;
-            drop(raw);
-            let StoredEntry { entry, before } = stored;
-            match before {
-                Some((version, value)) => self.put_kv(entry.slot, &entry.key, version, &value)?,
-                None => self.remove_kv(entry.slot, &entry.key)?,
-            }
+        for StoredEntry { entry, before } in doomed.into_iter().rev() {
+            let now = self.current(entry.slot, &entry.key);
+            self.set_kv(entry.slot, entry.key, &now, before);
+            self.changed().log.insert(entry.seq, None);
         }
-        let epoch = self.epoch_at(after)?.unwrap_or(0);
-        self.st.last = Position::new(epoch, after);
+        self.changed().state.last = Position::new(epoch, after);
         self.wal.push(WalRecord::TruncateAfter(after));
         Ok(())
     }
 
-    fn trim(&mut self, upto: u64) -> Result<(), StoreError> {
-        let upto = upto.min(self.st.last.seq);
-        if upto <= self.st.base.seq {
-            return Ok(());
+    fn trim(&mut self, upto: u64) {
+        let st = *self.st();
+        let upto = upto.min(st.last.seq);
+        if upto <= st.base.seq {
+            return;
         }
-        let epoch = self.epoch_at(upto)?.unwrap_or(self.st.base.epoch);
-        let from = self.st.base.seq + 1;
-        self.log.retain_in(from..=upto, |_, _| false)?;
-        self.st.base = Position::new(epoch, upto);
+        let epoch = match self.epoch_at(upto) {
+            Ok(found) => found.unwrap_or(st.base.epoch),
+            Err(e) => stop(&e),
+        };
+        let layer = self.changed();
+        layer.log = layer.log.split_off(&(upto + 1));
+        layer.trimmed = upto;
+        layer.state.base = Position::new(epoch, upto);
         self.wal.push(WalRecord::Trim(upto));
-        Ok(())
     }
 }
 
 /// The log of an open transaction, as the pure append rules see it.
-struct TxLog<'x, 'a, 't>(&'x Tx<'a, 't>);
+struct TxLog<'x, 'a>(&'x Tx<'a>);
 
-impl crate::replication::LogIndex for TxLog<'_, '_, '_> {
+impl crate::replication::LogIndex for TxLog<'_, '_> {
     type Error = StoreError;
     fn last(&self) -> Position {
-        self.0.st.last
+        self.0.st().last
     }
     fn base(&self) -> Position {
-        self.0.st.base
+        self.0.st().base
     }
     fn epoch_at(&self, seq: u64) -> Result<Option<u64>, StoreError> {
         self.0.epoch_at(seq)
@@ -1295,7 +1637,7 @@ pub fn inspect(dir: &Path) -> Result<SpaceReport, StoreError> {
     Ok(SpaceReport {
         state,
         db_file_bytes: size(&path),
-        wal_bytes: size(&dir.join("wal")),
+        wal_bytes: size(&dir.join("wal.0")) + size(&dir.join("wal.1")),
         tables: vec![
             space("kv", kv.len()?, kv.stats()?),
             space("log", log.len()?, log.stats()?),

@@ -2,18 +2,21 @@
 //! `fdatasync`, instead of a durable redb commit that writes every dirty B-tree page.
 //!
 //! Each batch the writer commits is written as one frame: `len u32 | crc32 u32 | payload`,
-//! the payload a postcard [`WalBatch`]. redb itself commits without fsync and is made
-//! durable by a checkpoint from time to time, after which the log starts over at offset 0.
+//! the payload a postcard [`WalBatch`]. The log is two files, `wal.0` and `wal.1`, used in
+//! turn: the batches of the changes storage holds in memory go to one while the changes
+//! logged in the other are being written to redb. Once redb holds those durably, the
+//! other file is free and the next switch starts it over at offset 0.
 //!
-//! The file is zero-filled to its capacity once and then only overwritten in place, so an
-//! `fdatasync` has data to flush but no metadata. On ext4 that matters: a size change
+//! Each file is zero-filled to its capacity once and then only overwritten in place, so
+//! an `fdatasync` has data to flush but no metadata. On ext4 that matters: a size change
 //! makes the sync commit the journal, and in ordered mode the journal first writes back
 //! every other file's dirty data (here redb's), which stalled every replica's commits
 //! together for up to 200 ms.
 //!
-//! On open, frames are read from the start while they are intact and their batch numbers
-//! follow one another; the remains of an earlier cycle, or a torn last frame (a crash
-//! mid-write), end the log there. That is safe: nobody was told such a batch was saved.
+//! On open, frames are read from the start of each file while they are intact and their
+//! batch numbers follow one another; the remains of an earlier cycle, or a torn last frame
+//! (a crash mid-write), end a file there. That is safe: nobody was told such a batch was
+//! saved.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -49,84 +52,104 @@ pub struct WalBatch {
     pub records: Vec<WalRecord>,
 }
 
-/// An open write-ahead log file.
-pub struct Wal {
+/// One of the two files of the log.
+struct Segment {
     file: File,
     path: PathBuf,
     len: u64,
 }
 
-impl Wal {
-    /// Opens (or creates) the log and reads the batches of its current cycle.
-    pub fn open(path: &Path) -> std::io::Result<(Wal, Vec<WalBatch>)> {
+impl Segment {
+    /// Opens (or creates) the file, zero-filled to [`CAPACITY`], and reads its batches.
+    fn open(path: PathBuf) -> std::io::Result<(Segment, Vec<WalBatch>)> {
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
-            .open(path)?;
+            .open(&path)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
-        let (batches, valid) = parse(&bytes);
+        let batches = parse(&bytes);
         if (bytes.len() as u64) < CAPACITY {
             // Zero-fill once: later writes overwrite allocated, written blocks only.
             let zeros = vec![0u8; (CAPACITY - bytes.len() as u64) as usize];
             file.write_all(&zeros)?;
             file.sync_all()?;
         }
+        Ok((Segment { file, path, len: 0 }, batches))
+    }
+}
+
+/// The open write-ahead log: two files, one of them current.
+pub struct Wal {
+    segments: [Segment; 2],
+    current: usize,
+}
+
+impl Wal {
+    /// Opens (or creates) the log in `dir` and reads the batches both files hold, in
+    /// order of their numbers. The log then starts over: the caller makes what it needs
+    /// of them durable elsewhere before appending.
+    pub fn open(dir: &Path) -> std::io::Result<(Wal, Vec<WalBatch>)> {
+        let (first, mut batches) = Segment::open(dir.join("wal.0"))?;
+        let (second, more) = Segment::open(dir.join("wal.1"))?;
+        batches.extend(more);
+        batches.sort_by_key(|b| b.number);
         let wal = Wal {
-            file,
-            path: path.to_path_buf(),
-            len: valid as u64,
+            segments: [first, second],
+            current: 0,
         };
         Ok((wal, batches))
     }
 
-    /// Writes a batch after the last one and waits until it is on disk.
+    /// Writes a batch after the last one of the current file and waits until it is on
+    /// disk. A batch larger than the whole file is written anyway: the file grows.
     pub fn append(&mut self, batch: &WalBatch) -> std::io::Result<()> {
         let payload = postcard::to_stdvec(batch).map_err(std::io::Error::other)?;
         let mut frame = Vec::with_capacity(payload.len() + 8);
         frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         frame.extend_from_slice(&crc32(&payload).to_le_bytes());
         frame.extend_from_slice(&payload);
-        self.file.write_all_at(&frame, self.len)?;
-        self.file.sync_data()?;
-        self.len += frame.len() as u64;
+        let seg = &mut self.segments[self.current];
+        seg.file.write_all_at(&frame, seg.len)?;
+        seg.file.sync_data()?;
+        seg.len += frame.len() as u64;
         Ok(())
     }
 
-    /// Whether a batch of about `bytes` still fits before the zero-filled end (a batch
-    /// that does not is made durable by a checkpoint instead).
+    /// Whether a batch of about `bytes` still fits before the zero-filled end of the
+    /// current file.
     pub fn has_room(&self, bytes: u64) -> bool {
-        self.len + bytes + 8 <= CAPACITY
+        self.len() + bytes + 8 <= CAPACITY
     }
 
-    /// Starts the log over (after a checkpoint made everything in it durable in redb).
-    /// Nothing is erased: the next frame overwrites the first, and what follows it no
-    /// longer continues the numbering.
-    pub fn reset(&mut self) {
-        self.len = 0;
+    /// Makes the other file current, starting it over. Its batches must be durable in
+    /// redb by now. Nothing is erased: the next frame overwrites its first, and what
+    /// follows that no longer continues the numbering.
+    pub fn switch(&mut self) {
+        self.current = 1 - self.current;
+        self.segments[self.current].len = 0;
     }
 
-    /// Bytes of the current cycle.
+    /// Bytes of the current file's cycle.
     pub fn len(&self) -> u64 {
-        self.len
+        self.segments[self.current].len
     }
 
-    /// Whether the current cycle is empty.
+    /// Whether the current file's cycle is empty.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
-    /// Path of the file.
+    /// Path of the current file.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.segments[self.current].path
     }
 }
 
-/// The intact, consecutively numbered batches at the front of `bytes`, and how many
-/// bytes they span.
-fn parse(bytes: &[u8]) -> (Vec<WalBatch>, usize) {
+/// The intact, consecutively numbered batches at the front of `bytes`.
+fn parse(bytes: &[u8]) -> Vec<WalBatch> {
     let mut batches: Vec<WalBatch> = Vec::new();
     let mut at = 0;
     while bytes.len() - at >= 8 {
@@ -150,7 +173,7 @@ fn parse(bytes: &[u8]) -> (Vec<WalBatch>, usize) {
         batches.push(batch);
         at += 8 + len;
     }
-    (batches, at)
+    batches
 }
 
 /// CRC-32 (IEEE), table-driven.
@@ -205,57 +228,90 @@ mod tests {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
     }
 
+    fn numbers(batches: &[WalBatch]) -> Vec<u64> {
+        batches.iter().map(|b| b.number).collect()
+    }
+
     #[test]
     fn batches_survive_a_reopen_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("wal");
-        let (mut wal, found) = Wal::open(&path).unwrap();
+        let (mut wal, found) = Wal::open(dir.path()).unwrap();
         assert!(found.is_empty());
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), CAPACITY);
+        for name in ["wal.0", "wal.1"] {
+            assert_eq!(
+                std::fs::metadata(dir.path().join(name)).unwrap().len(),
+                CAPACITY
+            );
+        }
         wal.append(&batch(1)).unwrap();
         wal.append(&batch(2)).unwrap();
         let whole = wal.len();
         drop(wal);
         // A crash in the middle of a third write leaves half a frame.
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("wal.0"))
+            .unwrap();
         f.write_all_at(&[200, 0, 0, 0, 1, 2, 3], whole).unwrap();
         drop(f);
-        let (mut wal, found) = Wal::open(&path).unwrap();
+        let (wal, found) = Wal::open(dir.path()).unwrap();
         assert_eq!(found, vec![batch(1), batch(2)]);
-        assert_eq!(wal.len(), whole);
-        // The file keeps its size: writes only ever overwrite.
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), CAPACITY);
-        wal.append(&batch(3)).unwrap();
-        drop(wal);
-        let (_, found) = Wal::open(&path).unwrap();
-        assert_eq!(found.len(), 3);
+        // The log starts over; the files keep their size: writes only ever overwrite.
+        assert!(wal.is_empty());
+        assert_eq!(
+            std::fs::metadata(dir.path().join("wal.0")).unwrap().len(),
+            CAPACITY
+        );
     }
 
     #[test]
-    fn after_a_reset_the_old_cycle_is_not_replayed() {
+    fn a_switch_keeps_the_other_file_and_starts_the_next_one_over() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("wal");
-        let (mut wal, _) = Wal::open(&path).unwrap();
+        let (mut wal, _) = Wal::open(dir.path()).unwrap();
         for n in 1..=5 {
             wal.append(&batch(n)).unwrap();
         }
-        // A checkpoint: the log starts over, and batch 6 overwrites batch 1.
-        wal.reset();
+        wal.switch();
         assert!(wal.is_empty());
         wal.append(&batch(6)).unwrap();
+        wal.append(&batch(7)).unwrap();
+        // Batches 1..5 are durable elsewhere by now: batch 8 overwrites batch 1.
+        wal.switch();
+        assert!(wal.path().ends_with("wal.0"));
+        wal.append(&batch(8)).unwrap();
         drop(wal);
-        // Batches 2..5 still follow on disk, but 2 does not continue 6.
-        let (wal, found) = Wal::open(&path).unwrap();
-        assert_eq!(found, vec![batch(6)]);
+        // Batches 2..5 still follow 8 in wal.0, but 2 does not continue 8.
+        let (wal, found) = Wal::open(dir.path()).unwrap();
+        assert_eq!(numbers(&found), vec![6, 7, 8]);
         assert!(wal.has_room(1000));
         assert!(!wal.has_room(CAPACITY));
     }
 
     #[test]
+    fn a_batch_larger_than_a_file_grows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path()).unwrap();
+        let mut big = batch(1);
+        big.records = vec![WalRecord::Apply(LogEntry {
+            epoch: 1,
+            seq: 1,
+            slot: 0,
+            key: Bytes::from("k"),
+            op: Op::Put(Bytes::from(vec![7u8; CAPACITY as usize + 1])),
+        })];
+        assert!(!wal.has_room(CAPACITY + 1));
+        wal.append(&big).unwrap();
+        wal.append(&batch(2)).unwrap();
+        drop(wal);
+        let (_, found) = Wal::open(dir.path()).unwrap();
+        assert_eq!(found, vec![big, batch(2)]);
+    }
+
+    #[test]
     fn a_corrupted_frame_ends_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("wal");
-        let (mut wal, _) = Wal::open(&path).unwrap();
+        let path = dir.path().join("wal.0");
+        let (mut wal, _) = Wal::open(dir.path()).unwrap();
         wal.append(&batch(1)).unwrap();
         wal.append(&batch(2)).unwrap();
         let end = wal.len();
@@ -263,7 +319,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[end as usize - 1] ^= 0xFF;
         std::fs::write(&path, &bytes).unwrap();
-        let (_, found) = Wal::open(&path).unwrap();
+        let (_, found) = Wal::open(dir.path()).unwrap();
         assert_eq!(found, vec![batch(1)]);
     }
 }
