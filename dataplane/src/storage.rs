@@ -1047,6 +1047,13 @@ fn stop(e: &StoreError) -> ! {
     std::process::abort();
 }
 
+/// Stops the process when the flusher thread is gone: a frozen layer's batches must stay
+/// in their log file until redb holds them, and without a flusher it never will.
+fn flusher_gone() -> ! {
+    tracing::error!("the flusher thread is gone; stopping");
+    std::process::abort();
+}
+
 struct Writer {
     db: Arc<Database>,
     layers: Arc<RwLock<Layers>>,
@@ -1278,7 +1285,10 @@ impl Writer {
         };
         self.wal.switch();
         self.frozen_at = Instant::now();
-        self.flushing = self.to_flusher.send(layer).is_ok();
+        if self.to_flusher.send(layer).is_err() {
+            flusher_gone();
+        }
+        self.flushing = true;
     }
 
     /// Drops the frozen layer once the flusher has written it (waiting for that if
@@ -1287,15 +1297,21 @@ impl Writer {
         if !self.flushing {
             return;
         }
-        let done = if wait {
-            self.flushed.recv().is_ok()
+        let received = if wait {
+            self.flushed
+                .recv()
+                .map_err(|_| std_mpsc::TryRecvError::Disconnected)
         } else {
-            self.flushed.try_recv().is_ok()
+            self.flushed.try_recv()
         };
-        if done {
-            self.layers.write().unwrap().frozen = None;
-            self.lower = None;
-            self.flushing = false;
+        match received {
+            Ok(()) => {
+                self.layers.write().unwrap().frozen = None;
+                self.lower = None;
+                self.flushing = false;
+            }
+            Err(std_mpsc::TryRecvError::Empty) => {}
+            Err(std_mpsc::TryRecvError::Disconnected) => flusher_gone(),
         }
     }
 
