@@ -162,7 +162,8 @@ pub enum StoreError {
     /// A snapshot stream was malformed.
     #[error("invalid snapshot stream: {0}")]
     BadSnapshot(String),
-    /// The disk or database failed; the whole batch was rolled back.
+    /// The disk or database failed, or a request broke the log's rules; no key or log
+    /// entry was changed.
     #[error("storage failure: {0}")]
     Io(String),
     /// The writer thread is gone (the node is shutting down).
@@ -1496,6 +1497,18 @@ impl Tx<'_> {
         leader_last: u64,
     ) -> Result<AppendOutcome, StoreError> {
         self.raise_epoch(epoch)?;
+        // Checked before the log changes: an entry refused halfway would leave the
+        // batch half applied.
+        if let Some(bad) = (prev.seq + 1..)
+            .zip(&entries)
+            .find(|(seq, e)| e.seq != *seq || e.epoch > epoch)
+        {
+            return Err(StoreError::Io(format!(
+                "refusing entries that do not follow {} one by one within epoch {epoch}: \
+                 entry {}-{} at place {}",
+                prev.seq, bad.1.epoch, bad.1.seq, bad.0
+            )));
+        }
         let positions: Vec<Position> = entries.iter().map(LogEntry::position).collect();
         let plan =
             crate::replication::plan_append(&TxLog(self), epoch, prev, &positions, leader_last)?;
