@@ -43,6 +43,9 @@ const META_SNAPSHOT_PARTIAL: &str = "snapshot_partial";
 /// Most requests the writer folds into one transaction; bounds the latency of one commit.
 const MAX_BATCH: usize = 4096;
 
+/// Times the writer yields to let more requests join a batch, while each yield brings
+/// more: three gave 3–6% more PUTs at 64 connections than one, in alternating runs.
+const GATHER_ROUNDS: usize = 3;
 /// How often the writer's layer is frozen and written to redb durably, which frees its
 /// write-ahead-log file; bounds the memory it holds and replay time after a crash.
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
@@ -1111,12 +1114,19 @@ impl Writer {
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             // Requests come in bursts (a connection's frames are dispatched together); let
-            // the rest of the burst arrive so it shares this commit.
-            std::thread::yield_now();
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(cmd) => batch.push(cmd),
-                    Err(_) => break,
+            // the rest of the burst arrive so it shares this commit, for as long as it
+            // keeps arriving.
+            for _ in 0..GATHER_ROUNDS {
+                std::thread::yield_now();
+                let before = batch.len();
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(cmd) => batch.push(cmd),
+                        Err(_) => break,
+                    }
+                }
+                if batch.len() == before {
+                    break;
                 }
             }
             let started = Instant::now();
