@@ -27,8 +27,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::storage::LogEntry;
 
-/// Bytes the log file is zero-filled to; checkpoints restart it long before it fills.
-pub const CAPACITY: u64 = 4 << 20;
+/// Bytes each log file is zero-filled to. A file holds the batches of one layer, about
+/// 250 ms of writes; a file that fills first freezes its layer early, so the size bounds
+/// disk use rather than throughput.
+pub const CAPACITY: u64 = 2 << 20;
 
 /// One change the writer made, enough to redo it on top of the last checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
