@@ -1,6 +1,6 @@
 //! Durable storage of one replica, on redb.
 //!
-//! Three tables: `kv` keyed by `(slot, key)` so a slot can be scanned, `log` keyed by
+//! Three tables: `kv` keyed by slot and key so a slot can be scanned, `log` keyed by
 //! sequence number for replication, and `meta` for the highest epoch seen and the log
 //! positions. Every change goes through one writer thread that drains whatever requests
 //! are waiting into one batch, made durable by one write-ahead-log append and one fsync
@@ -31,7 +31,10 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::slots::Slot;
 use crate::wal::{Wal, WalBatch, WalRecord};
 
-const KV: TableDefinition<(u16, &[u8]), &[u8]> = TableDefinition::new("kv");
+/// Keyed by [`kv_key`]: the slot, then a hash of the key, so a slot's keys sit together
+/// in random order. Keys written in ascending order would otherwise always land at the
+/// end of a leaf, and redb's even splits would leave every leaf half empty.
+const KV: TableDefinition<(u32, &[u8]), &[u8]> = TableDefinition::new("kv");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -594,9 +597,9 @@ impl Store {
         SnapshotCodec::put_header(&mut buf, state.last);
         for item in table.iter()? {
             let (k, v) = item?;
-            let (slot, key) = k.value();
-            let (version, value) = decode_value(v.value());
-            SnapshotCodec::put_record(&mut buf, slot, key, version, value);
+            let (stored, key) = k.value();
+            let (version, value) = decode_value(v.value())?;
+            SnapshotCodec::put_record(&mut buf, kv_slot(stored), key, version, value);
             if buf.len() >= chunk_bytes && !sink(buf.split().freeze()) {
                 return Err(StoreError::Io("snapshot receiver went away".into()));
             }
@@ -623,10 +626,10 @@ impl Store {
             let txn = self.db.begin_read()?;
             for item in txn.open_table(KV)?.iter()? {
                 let (k, v) = item?;
-                let (slot, key) = k.value();
+                let (stored, key) = k.value();
                 if !recent.contains_key(key) {
-                    let (version, value) = decode_value(v.value());
-                    count(slot, key, version, value);
+                    let (version, value) = decode_value(v.value())?;
+                    count(kv_slot(stored), key, version, value);
                 }
             }
         }
@@ -710,18 +713,53 @@ impl SnapshotCodec {
     }
 }
 
+/// The `kv` table's key for `key`: its slot in the high half, a hash of the key below.
+fn kv_key(slot: Slot, key: &[u8]) -> (u32, &[u8]) {
+    let spread = xxhash_rust::xxh3::xxh3_64(key) as u16;
+    ((u32::from(slot) << 16) | u32::from(spread), key)
+}
+
+/// The slot a `kv` table key belongs to.
+fn kv_slot(stored: u32) -> Slot {
+    (stored >> 16) as Slot
+}
+
+/// A stored value: its version as two varints (usually 4 to 6 bytes, not 16), then the
+/// value's bytes.
 fn encode_value(version: Position, value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + value.len());
-    out.extend_from_slice(&version.epoch.to_le_bytes());
-    out.extend_from_slice(&version.seq.to_le_bytes());
+    let mut out = Vec::with_capacity(20 + value.len());
+    put_varint(&mut out, version.epoch);
+    put_varint(&mut out, version.seq);
     out.extend_from_slice(value);
     out
 }
 
-fn decode_value(raw: &[u8]) -> (Position, &[u8]) {
-    let epoch = u64::from_le_bytes(raw[..8].try_into().unwrap());
-    let seq = u64::from_le_bytes(raw[8..16].try_into().unwrap());
-    (Position::new(epoch, seq), &raw[16..])
+fn decode_value(raw: &[u8]) -> Result<(Position, &[u8]), StoreError> {
+    let corrupt = || StoreError::Io("corrupt value in the kv table".into());
+    let (epoch, rest) = get_varint(raw).ok_or_else(corrupt)?;
+    let (seq, value) = get_varint(rest).ok_or_else(corrupt)?;
+    Ok((Position::new(epoch, seq), value))
+}
+
+/// Appends `n` as LEB128: seven bits per byte, low bits first.
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push(n as u8 | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// Reads a LEB128 number from the front of `raw`; `None` if it is cut short or too long.
+fn get_varint(raw: &[u8]) -> Option<(u64, &[u8])> {
+    let mut n = 0u64;
+    for (i, byte) in raw.iter().enumerate().take(10) {
+        n |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((n, &raw[i + 1..]));
+        }
+    }
+    None
 }
 
 fn decode_stored(raw: &[u8]) -> Result<StoredEntry, StoreError> {
@@ -770,7 +808,15 @@ fn recover(db: &Database) -> Result<(LogState, bool), StoreError> {
             meta.insert(META_STATE, state.encode().as_slice())?;
             wiped = true;
         }
-        txn.open_table(KV)?;
+        txn.open_table(KV).map_err(|e| match e {
+            redb::TableError::TableTypeMismatch { .. } => StoreError::Io(
+                "the data directory was written by an older distkv, which kept keys in a \
+                 format this version cannot read; empty the directory so the replica copies \
+                 its shard from the leader"
+                    .into(),
+            ),
+            e => e.into(),
+        })?;
         txn.open_table(LOG)?;
         state
     };
@@ -779,14 +825,15 @@ fn recover(db: &Database) -> Result<(LogState, bool), StoreError> {
 }
 
 fn kv_get(
-    table: &impl ReadableTable<(u16, &'static [u8]), &'static [u8]>,
+    table: &impl ReadableTable<(u32, &'static [u8]), &'static [u8]>,
     slot: Slot,
     key: &[u8],
 ) -> Result<Option<(Position, Bytes)>, StoreError> {
-    Ok(table.get((slot, key))?.map(|v| {
-        let (pos, value) = decode_value(v.value());
-        (pos, Bytes::copy_from_slice(value))
-    }))
+    let Some(v) = table.get(kv_key(slot, key))? else {
+        return Ok(None);
+    };
+    let (pos, value) = decode_value(v.value())?;
+    Ok(Some((pos, Bytes::copy_from_slice(value))))
 }
 
 fn log_get(
@@ -964,19 +1011,20 @@ fn write_layer(db: &Database, layer: &Layer) -> Result<(), StoreError> {
         if layer.trimmed > 0 {
             log.retain_in(..=layer.trimmed, |_, _| false)?;
         }
-        // In key order: neighbouring inserts then touch the same pages.
-        let mut keys: Vec<_> = layer.kv.iter().collect();
-        keys.sort_unstable_by(|a, b| (a.1.0, a.0).cmp(&(b.1.0, b.0)));
-        for (key, (slot, found)) in keys {
+        // In table order: neighbouring inserts then touch the same pages.
+        let mut keys: Vec<_> = layer
+            .kv
+            .iter()
+            .map(|(key, (slot, found))| (kv_key(*slot, key), found))
+            .collect();
+        keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (at, found) in keys {
             match found {
                 Some((version, value)) => {
-                    kv.insert(
-                        (*slot, key.as_ref()),
-                        encode_value(*version, value).as_slice(),
-                    )?;
+                    kv.insert(at, encode_value(*version, value).as_slice())?;
                 }
                 None => {
-                    kv.remove((*slot, key.as_ref()))?;
+                    kv.remove(at)?;
                 }
             }
         }
@@ -1022,7 +1070,7 @@ fn flusher(db: &Database, frozen: std_mpsc::Receiver<Arc<Layer>>, done: std_mpsc
 
 /// redb as the writer reads it beneath its layers.
 struct Lower {
-    kv: redb::ReadOnlyTable<(u16, &'static [u8]), &'static [u8]>,
+    kv: redb::ReadOnlyTable<(u32, &'static [u8]), &'static [u8]>,
     log: redb::ReadOnlyTable<u64, &'static [u8]>,
 }
 
@@ -1682,4 +1730,65 @@ pub fn inspect(dir: &Path) -> Result<SpaceReport, StoreError> {
             space("log", log.len()?, log.stats()?),
         ],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip_with_their_version() {
+        for (epoch, seq) in [
+            (0, 0),
+            (1, 127),
+            (1, 128),
+            (3, 333_360),
+            (u64::MAX, u64::MAX),
+        ] {
+            let version = Position::new(epoch, seq);
+            let raw = encode_value(version, b"value");
+            assert_eq!(decode_value(&raw).unwrap(), (version, &b"value"[..]));
+        }
+        assert_eq!(encode_value(Position::new(1, 100_000), b"").len(), 1 + 3);
+    }
+
+    #[test]
+    fn a_cut_or_overlong_version_is_corrupt_not_a_panic() {
+        let raw = encode_value(Position::new(1, 1 << 40), b"");
+        assert!(decode_value(&raw[..raw.len() - 1]).is_err());
+        assert!(decode_value(&[0x80; 11]).is_err());
+        assert!(decode_value(&[]).is_err());
+    }
+
+    #[test]
+    fn table_keys_keep_the_slot_and_spread_keys_within_it() {
+        use crate::slots::slot_for;
+        let mut keys: Vec<Vec<u8>> = (0..1000u32)
+            .flat_map(|i| [format!("key-{i:08}"), format!("{{user}}:{i:08}")])
+            .map(String::into_bytes)
+            .collect();
+        keys.push(Vec::new());
+        let mut stored: Vec<_> = keys.iter().map(|k| (kv_key(slot_for(k), k), k)).collect();
+        for ((at, key), _) in &stored {
+            assert_eq!(kv_slot(*at), slot_for(key));
+        }
+        stored.sort();
+        assert!(
+            stored
+                .windows(2)
+                .all(|w| kv_slot(w[0].0.0) <= kv_slot(w[1].0.0))
+        );
+        // The 1000 `{user}` keys share a slot. Written in ascending order, they must not
+        // sit in that order in the table: that is what keeps redb's leaves full.
+        let tagged: Vec<_> = stored
+            .iter()
+            .filter(|(_, k)| k.starts_with(b"{user}"))
+            .collect();
+        assert_eq!(tagged.len(), 1000);
+        let ascending = tagged.windows(2).filter(|w| w[0].1 < w[1].1).count();
+        assert!(
+            (300..700).contains(&ascending),
+            "{ascending} of 999 in key order"
+        );
+    }
 }
