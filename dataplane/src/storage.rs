@@ -7,9 +7,9 @@
 //! (group commit).
 //!
 //! The writer does not write batches to redb. It applies them to an in-memory [`Layer`]
-//! that readers consult before redb; every 250 ms that layer is frozen and a flusher
+//! that readers consult before redb; every 125 ms that layer is frozen and a flusher
 //! thread writes it to redb in one durable transaction, while the writer goes on with a
-//! new one. A redb commit and its B-tree page copies are thus paid four times a second
+//! new one. A redb commit and its B-tree page copies are thus paid eight times a second
 //! rather than per batch, and never on a client's write path.
 //!
 //! Every log record keeps the value it replaced (its before-image). That is what lets a
@@ -50,8 +50,11 @@ const MAX_BATCH: usize = 4096;
 /// more: three gave 3–6% more PUTs at 64 connections than one, in alternating runs.
 const GATHER_ROUNDS: usize = 3;
 /// How often the writer's layer is frozen and written to redb durably, which frees its
-/// write-ahead-log file; bounds the memory it holds and replay time after a crash.
-const FLUSH_EVERY: Duration = Duration::from_millis(250);
+/// write-ahead-log file; bounds the memory it holds and replay time after a crash. The
+/// pages redb copies in one flush are free for reuse only after the next, so a shorter
+/// period keeps the file smaller: 125 ms against 250 ms took a million 100-byte values
+/// from 2.13x to 1.97x their size on disk, at the same PUT rate.
+const FLUSH_EVERY: Duration = Duration::from_millis(125);
 /// A group commit slower than this is logged: it held up every write of the replica.
 const SLOW_COMMIT: Duration = Duration::from_millis(50);
 
