@@ -272,11 +272,12 @@ impl Node {
 
     /// This replica's status, as `GET /internal/status` reports it.
     pub fn status(&self, verify: bool) -> Result<NodeStatus, StoreError> {
-        let st = self.store.state();
-        let (keys, digest) = if verify {
-            self.store.scan_digest()?
+        let (st, keys, digest) = if verify {
+            let scan = self.store.scan_digest()?;
+            (scan.state, scan.keys, scan.digest)
         } else {
-            (st.keys, st.digest)
+            let st = self.store.state();
+            (st, st.keys, st.digest)
         };
         let a = self.assignment.read().unwrap();
         let (commit_seq, in_sync, follower_acks) = match &a.leadership {

@@ -1,6 +1,6 @@
 //! Durable storage of one replica, on redb.
 //!
-//! Three tables: `kv` keyed by slot and key so a slot can be scanned, `log` keyed by
+//! Three tables: `kv` keyed by slot, a hash of the key, and the key, `log` keyed by
 //! sequence number for replication, and `meta` for the highest epoch seen and the log
 //! positions. Every change goes through one writer thread that drains whatever requests
 //! are waiting into one batch, made durable by one write-ahead-log append and one fsync
@@ -244,6 +244,18 @@ impl LogState {
     }
 }
 
+/// What a full scan of the data found, and the state it is consistent with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scan {
+    /// The log state as of the newest applied batch, which the scan includes; it may be
+    /// one batch ahead of [`Store::state`].
+    pub state: LogState,
+    /// Keys found.
+    pub keys: u64,
+    /// Digest of the keys found, computed as [`LogState::digest`] is.
+    pub digest: u128,
+}
+
 /// One key of a snapshot stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotRecord {
@@ -357,10 +369,10 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
         let path = dir.join("distkv.redb");
         let db = Arc::new(Database::create(&path)?);
-        let (state, wiped) = recover(&db)?;
         let io = |e: std::io::Error| StoreError::Io(format!("write-ahead log: {e}"));
         let (wal, batches) = Wal::open(dir).map_err(io)?;
-        let state = replay(&db, state, batches, wiped)?;
+        let state = recover(&db, &batches)?;
+        let state = replay(&db, state, batches)?;
         let layers = Arc::new(RwLock::new(Layers::new(state)));
         let (state_tx, state_rx) = watch::channel(state);
         let (staged_tx, staged_rx) = watch::channel(state);
@@ -390,7 +402,7 @@ impl Store {
             staged: staged_tx,
             observer,
             wal,
-            frozen_at: Instant::now(),
+            active_since: Instant::now(),
         };
         spawn("distkv-writer", Box::new(move || writer.run(rx)))?;
         Ok(Store {
@@ -566,12 +578,17 @@ impl Store {
     /// Epoch of the entry at `seq`, if the log (or its base) still holds it, as readers
     /// see it (see [`Store::staged`]).
     pub fn epoch_at(&self, seq: u64) -> Result<Option<u64>, StoreError> {
-        let state = self.staged();
-        if seq == state.base.seq {
-            return Ok(Some(state.base.epoch));
-        }
-        if let Seen::Here(found) = self.layers.read().unwrap().entry(seq) {
-            return Ok(found.map(|s| s.entry.epoch));
+        {
+            // The base and the entries from one view: a trim applied a moment ago is in
+            // the layers before it is in `staged()`.
+            let layers = self.layers.read().unwrap();
+            let base = layers.active.state.base;
+            if seq == base.seq {
+                return Ok(Some(base.epoch));
+            }
+            if let Seen::Here(found) = layers.entry(seq) {
+                return Ok(found.map(|s| s.entry.epoch));
+            }
         }
         let txn = self.db.begin_read()?;
         Ok(log_get(&txn.open_table(LOG)?, seq)?.map(|s| s.entry.epoch))
@@ -613,12 +630,20 @@ impl Store {
         Ok(state.last)
     }
 
-    /// Recomputes key count and digest by scanning every key (the maintained values in
-    /// [`LogState`] must equal these; tests check that they do). Holds up writes while
-    /// it runs.
-    pub fn scan_digest(&self) -> Result<(u64, u128), StoreError> {
-        let layers = self.layers.read().unwrap();
-        let (recent, wiped) = layers.all_keys();
+    /// Recomputes key count and digest by scanning every key. The maintained values in
+    /// the returned state must equal these; tests check that they do.
+    pub fn scan_digest(&self) -> Result<Scan, StoreError> {
+        // One view of the layers and of redb, copied (the values are shared, not copied)
+        // so that writes go on during the scan of redb.
+        let (state, recent, wiped, txn) = {
+            let layers = self.layers.read().unwrap();
+            let (recent, wiped) = layers.all_keys();
+            let recent: HashMap<Bytes, (Slot, Option<(Position, Bytes)>)> = recent
+                .into_iter()
+                .map(|(key, change)| (Bytes::copy_from_slice(key), change.clone()))
+                .collect();
+            (layers.active.state, recent, wiped, self.db.begin_read()?)
+        };
         let mut keys = 0;
         let mut digest = 0u128;
         let mut count = |slot, key: &[u8], version, value: &[u8]| {
@@ -626,7 +651,6 @@ impl Store {
             digest ^= record_hash(slot, key, version, value);
         };
         if !wiped {
-            let txn = self.db.begin_read()?;
             for item in txn.open_table(KV)?.iter()? {
                 let (k, v) = item?;
                 let (stored, key) = k.value();
@@ -636,12 +660,16 @@ impl Store {
                 }
             }
         }
-        for (key, (slot, found)) in recent {
+        for (key, (slot, found)) in &recent {
             if let Some((version, value)) = found {
                 count(*slot, key, *version, value);
             }
         }
-        Ok((keys, digest))
+        Ok(Scan {
+            state,
+            keys,
+            digest,
+        })
     }
 }
 
@@ -790,10 +818,11 @@ fn read_state(
     }
 }
 
-/// Loads the state at open; wipes a half-installed snapshot (and says so).
-fn recover(db: &Database) -> Result<(LogState, bool), StoreError> {
+/// Loads the state at open; wipes a half-installed snapshot (and says so). `batches` are
+/// those of the write-ahead log: a wipe drops the changes they hold, but not the epochs
+/// they raised, and numbers the log past them, in the same transaction.
+fn recover(db: &Database, batches: &[WalBatch]) -> Result<LogState, StoreError> {
     let txn = db.begin_write()?;
-    let mut wiped = false;
     let state = {
         let mut meta = txn.open_table(META)?;
         let mut state = read_state(&meta)?;
@@ -801,15 +830,24 @@ fn recover(db: &Database) -> Result<(LogState, bool), StoreError> {
             tracing::warn!("found a partially installed snapshot; discarding local data");
             txn.delete_table(KV)?;
             txn.delete_table(LOG)?;
-            // The epoch and the log's batch numbering only ever rise.
+            // The epoch and the log's batch numbering only ever rise. An epoch raised
+            // after the snapshot began was acknowledged, so it must hold after the wipe.
+            let newer = batches.iter().filter(|b| b.number > state.wal_batch);
+            let epoch = newer
+                .flat_map(|b| &b.records)
+                .filter_map(|r| match r {
+                    WalRecord::Epoch(e) => Some(*e),
+                    _ => None,
+                })
+                .fold(state.epoch, u64::max);
+            let newest = batches.last().map_or(0, |b| b.number);
             state = LogState {
-                epoch: state.epoch,
-                wal_batch: state.wal_batch,
+                epoch,
+                wal_batch: state.wal_batch.max(newest),
                 ..LogState::default()
             };
             meta.remove(META_SNAPSHOT_PARTIAL)?;
             meta.insert(META_STATE, state.encode().as_slice())?;
-            wiped = true;
         }
         txn.open_table(KV).map_err(|e| match e {
             redb::TableError::TableTypeMismatch { .. } => StoreError::Io(
@@ -824,7 +862,7 @@ fn recover(db: &Database) -> Result<(LogState, bool), StoreError> {
         state
     };
     txn.commit()?;
-    Ok((state, wiped))
+    Ok(state)
 }
 
 fn kv_get(
@@ -861,25 +899,18 @@ fn entry_bytes(entry: &LogEntry) -> usize {
 /// Redoes the write-ahead-log batches the last flush does not hold and makes them durable
 /// in redb. Returns the state, numbered past every batch found, so that a batch left over
 /// in a log file can never pass for a new one.
-fn replay(
-    db: &Database,
-    st: LogState,
-    batches: Vec<WalBatch>,
-    wiped: bool,
-) -> Result<LogState, StoreError> {
+fn replay(db: &Database, st: LogState, batches: Vec<WalBatch>) -> Result<LogState, StoreError> {
     let newest = batches.last().map_or(0, |b| b.number);
     let mut pending = Vec::new();
-    if !wiped {
-        for batch in batches {
-            if batch.number == st.wal_batch + 1 + pending.len() as u64 {
-                pending.push(batch);
-            } else if batch.number > st.wal_batch {
-                tracing::error!(
-                    number = batch.number,
-                    "write-ahead log has a gap; ignoring the batches after it"
-                );
-                break;
-            }
+    for batch in batches {
+        if batch.number == st.wal_batch + 1 + pending.len() as u64 {
+            pending.push(batch);
+        } else if batch.number > st.wal_batch {
+            tracing::error!(
+                number = batch.number,
+                "write-ahead log has a gap; ignoring the batches after it"
+            );
+            break;
         }
     }
     if pending.is_empty() && newest <= st.wal_batch {
@@ -1054,16 +1085,13 @@ fn write_layer(db: &Database, layer: &Layer) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The flusher thread: writes each frozen layer to redb, then tells the writer. A failure
-/// (a full disk) is retried: the layer's batches stay in their log file meanwhile, and
-/// the writer holds off once its own file is full.
+/// The flusher thread: writes each frozen layer to redb, then tells the writer. A failed
+/// write stops the process: redb refuses every later write once one failed, and the
+/// layer's batches are safe in their log file for the restart to replay.
 fn flusher(db: &Database, frozen: std_mpsc::Receiver<Arc<Layer>>, done: std_mpsc::Sender<()>) {
     while let Ok(layer) = frozen.recv() {
-        let mut pause = Duration::from_millis(10);
-        while let Err(e) = write_layer(db, &layer) {
-            tracing::error!(error = %e, "writing changes to the database failed; retrying");
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_secs(5));
+        if let Err(e) = write_layer(db, &layer) {
+            stop("writing changes to the database failed", &e);
         }
         if done.send(()).is_err() {
             return;
@@ -1087,18 +1115,22 @@ impl Lower {
     }
 
     fn get(&self, slot: Slot, key: &[u8]) -> Option<(Position, Bytes)> {
-        kv_get(&self.kv, slot, key).unwrap_or_else(|e| stop(&e))
+        kv_get(&self.kv, slot, key).unwrap_or_else(|e| stop(READ_FAILED, &e))
     }
 
     fn entry(&self, seq: u64) -> Option<StoredEntry> {
-        log_get(&self.log, seq).unwrap_or_else(|e| stop(&e))
+        log_get(&self.log, seq).unwrap_or_else(|e| stop(READ_FAILED, &e))
     }
 }
 
-/// Stops the process on a failed read of redb by the writer: it may be halfway through a
-/// change it cannot take back, and a restart replays the write-ahead log.
-fn stop(e: &StoreError) -> ! {
-    tracing::error!(error = %e, "reading the database failed while applying changes; stopping");
+/// Why the writer stops when it cannot read redb: it may be halfway through a change it
+/// cannot take back.
+const READ_FAILED: &str = "reading the database failed while applying changes";
+
+/// Stops the process after a failure storage cannot recover from in place; a restart
+/// replays the write-ahead log, which still holds every acknowledged change.
+fn stop(what: &str, e: &StoreError) -> ! {
+    tracing::error!(error = %e, "{what}; stopping");
     std::process::abort();
 }
 
@@ -1124,7 +1156,7 @@ struct Writer {
     observer: Arc<dyn CommitObserver>,
     wal: Wal,
     /// When the active layer began.
-    frozen_at: Instant,
+    active_since: Instant,
 }
 
 /// A reply owed once the batch is durable.
@@ -1241,7 +1273,7 @@ impl Writer {
     fn apply(&mut self, batch: Vec<Command>) -> (Vec<WalRecord>, Vec<Reply>, LogState) {
         let mut replies = Vec::with_capacity(batch.len());
         if self.lower.is_none() {
-            self.lower = Some(Lower::open(&self.db).unwrap_or_else(|e| stop(&e)));
+            self.lower = Some(Lower::open(&self.db).unwrap_or_else(|e| stop(READ_FAILED, &e)));
         }
         let mut layers = self.layers.write().unwrap();
         let mut tx = Tx {
@@ -1321,8 +1353,14 @@ impl Writer {
     fn maybe_freeze(&mut self, estimate: u64) {
         self.collect_flushed(false);
         let full = !self.wal.has_room(estimate);
-        let due = full || self.frozen_at.elapsed() >= FLUSH_EVERY;
-        if !due || !self.layers.read().unwrap().active.dirty {
+        let due = full || self.active_since.elapsed() >= FLUSH_EVERY;
+        if !due {
+            return;
+        }
+        if !self.layers.read().unwrap().active.dirty {
+            // Idle until now: the layer starts with this batch, rather than being frozen
+            // and flushed with this batch alone.
+            self.active_since = Instant::now();
             return;
         }
         if self.flushing {
@@ -1346,7 +1384,7 @@ impl Writer {
             layer
         };
         self.wal.switch();
-        self.frozen_at = Instant::now();
+        self.active_since = Instant::now();
         if self.to_flusher.send(layer).is_err() {
             flusher_gone();
         }
@@ -1635,7 +1673,7 @@ impl Tx<'_> {
         }
         let epoch = match self.epoch_at(upto) {
             Ok(found) => found.unwrap_or(st.base.epoch),
-            Err(e) => stop(&e),
+            Err(e) => stop(READ_FAILED, &e),
         };
         let layer = self.changed();
         layer.log = layer.log.split_off(&(upto + 1));

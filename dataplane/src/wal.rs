@@ -15,7 +15,8 @@
 //!
 //! On open, frames are read from the start of each file while they are intact and their
 //! batch numbers follow one another; the remains of an earlier cycle, or a torn last frame
-//! (a crash mid-write), end a file there. That is safe: nobody was told such a batch was
+//! (a crash mid-write), end a file there. That is safe: redb durably holds every batch of
+//! an earlier cycle before its file starts over, and nobody was told a torn batch was
 //! saved.
 
 use std::fs::{File, OpenOptions};
@@ -108,11 +109,12 @@ impl Wal {
     /// Writes a batch after the last one of the current file and waits until it is on
     /// disk. A batch larger than the whole file is written anyway: the file grows.
     pub fn append(&mut self, batch: &WalBatch) -> std::io::Result<()> {
-        let payload = postcard::to_stdvec(batch).map_err(std::io::Error::other)?;
-        let mut frame = Vec::with_capacity(payload.len() + 8);
-        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crc32(&payload).to_le_bytes());
-        frame.extend_from_slice(&payload);
+        // The payload is encoded after room for the header, which is filled in after.
+        let mut frame = postcard::to_extend(batch, vec![0u8; 8]).map_err(std::io::Error::other)?;
+        let len = (frame.len() - 8) as u32;
+        let crc = crc32(&frame[8..]);
+        frame[..4].copy_from_slice(&len.to_le_bytes());
+        frame[4..8].copy_from_slice(&crc.to_le_bytes());
         let seg = &mut self.segments[self.current];
         seg.file.write_all_at(&frame, seg.len)?;
         seg.file.sync_data()?;
