@@ -35,6 +35,12 @@ use crate::wal::{Wal, WalBatch, WalRecord};
 /// in random order. Keys written in ascending order would otherwise always land at the
 /// end of a leaf, and redb's even splits would leave every leaf half empty.
 const KV: TableDefinition<(u32, &[u8]), &[u8]> = TableDefinition::new("kv");
+/// The `kv` table as distkv kept it until keys were spread within their slot: keyed by
+/// `(slot, key)`, each value led by its version as two little-endian `u64`s. Converted at
+/// open (see [`convert_old_kv`]).
+const OLD_KV: TableDefinition<(u16, &[u8]), &[u8]> = TableDefinition::new("kv");
+/// Where [`convert_old_kv`] builds the new table before it takes the old one's name.
+const KV_CONVERTING: TableDefinition<(u32, &[u8]), &[u8]> = TableDefinition::new("kv.converting");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -849,20 +855,48 @@ fn recover(db: &Database, batches: &[WalBatch]) -> Result<LogState, StoreError> 
             meta.remove(META_SNAPSHOT_PARTIAL)?;
             meta.insert(META_STATE, state.encode().as_slice())?;
         }
-        txn.open_table(KV).map_err(|e| match e {
-            redb::TableError::TableTypeMismatch { .. } => StoreError::Io(
-                "the data directory was written by an older distkv, which kept keys in a \
-                 format this version cannot read; empty the directory so the replica copies \
-                 its shard from the leader"
-                    .into(),
-            ),
-            e => e.into(),
-        })?;
+        match txn.open_table(KV) {
+            Ok(_) => {}
+            Err(redb::TableError::TableTypeMismatch { .. }) => convert_old_kv(&txn)?,
+            Err(e) => return Err(e.into()),
+        }
         txn.open_table(LOG)?;
         state
     };
     txn.commit()?;
     Ok(state)
+}
+
+/// Rewrites a `kv` table of the older format ([`OLD_KV`]) in the current one, within the
+/// caller's transaction: the directory holds either the old table or the new, never half.
+fn convert_old_kv(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let started = Instant::now();
+    let mut rows = 0u64;
+    {
+        let old = txn.open_table(OLD_KV)?;
+        let mut new = txn.open_table(KV_CONVERTING)?;
+        for item in old.iter()? {
+            let (k, v) = item?;
+            let (slot, key) = k.value();
+            let raw = v.value();
+            if raw.len() < 16 {
+                return Err(StoreError::Io("corrupt value in the older kv table".into()));
+            }
+            let epoch = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes"));
+            let seq = u64::from_le_bytes(raw[8..16].try_into().expect("8 bytes"));
+            let value = encode_value(Position::new(epoch, seq), &raw[16..]);
+            new.insert(kv_key(slot, key), value.as_slice())?;
+            rows += 1;
+        }
+    }
+    txn.delete_table(OLD_KV)?;
+    txn.rename_table(KV_CONVERTING, KV)?;
+    tracing::info!(
+        rows,
+        ms = started.elapsed().as_millis() as u64,
+        "converted the kv table to the current key format"
+    );
+    Ok(())
 }
 
 fn kv_get(
@@ -1799,6 +1833,94 @@ mod tests {
         assert!(decode_value(&raw[..raw.len() - 1]).is_err());
         assert!(decode_value(&[0x80; 11]).is_err());
         assert!(decode_value(&[]).is_err());
+    }
+
+    /// A directory whose `kv` table is in the older format opens with every key, version
+    /// and value as they were, and the maintained count and digest still match a scan.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kv_table_in_the_older_format_is_converted_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<Bytes> = (0..500u32)
+            .map(|i| Bytes::from(format!("key-{i:08}")))
+            .collect();
+        let store = Store::open(dir.path(), Arc::new(())).unwrap();
+        store.raise_epoch(3).await.unwrap();
+        for (i, key) in keys.iter().enumerate() {
+            let value = Bytes::from(vec![i as u8; i % 50]);
+            let slot = crate::slots::slot_for(key);
+            let op = Op::Put(value);
+            store
+                .write(3, slot, key.clone(), op, Condition::None)
+                .await
+                .unwrap();
+        }
+        let before: Vec<_> = keys
+            .iter()
+            .map(|k| store.get(crate::slots::slot_for(k), k).unwrap())
+            .collect();
+        let state = store.state();
+        store.checkpoint().await.unwrap();
+        drop(store);
+
+        // Rewrite the table as the older format kept it.
+        let path = dir.path().join("distkv.redb");
+        // The dropped store's threads may hold the database a moment longer.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let db = loop {
+            match Database::open(&path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let txn = db.begin_write().unwrap();
+        let rows: Vec<(u32, Vec<u8>, Vec<u8>)> = txn
+            .open_table(KV)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|item| {
+                let (k, v) = item.unwrap();
+                let (at, key) = k.value();
+                (at, key.to_vec(), v.value().to_vec())
+            })
+            .collect();
+        assert_eq!(rows.len(), keys.len());
+        txn.delete_table(KV).unwrap();
+        {
+            let mut old = txn.open_table(OLD_KV).unwrap();
+            for (at, key, raw) in &rows {
+                let (version, value) = decode_value(raw).unwrap();
+                let mut v = version.epoch.to_le_bytes().to_vec();
+                v.extend_from_slice(&version.seq.to_le_bytes());
+                v.extend_from_slice(value);
+                old.insert((kv_slot(*at), key.as_slice()), v.as_slice())
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        drop(db);
+
+        let store = Store::open(dir.path(), Arc::new(())).unwrap();
+        assert_eq!(store.state(), state);
+        let after: Vec<_> = keys
+            .iter()
+            .map(|k| store.get(crate::slots::slot_for(k), k).unwrap())
+            .collect();
+        assert_eq!(after, before);
+        let scan = store.scan_digest().unwrap();
+        assert_eq!((scan.keys, scan.digest), (state.keys, state.digest));
+        // And it is the current format from now on: writes go on after a restart.
+        let key = Bytes::from_static(b"after");
+        let slot = crate::slots::slot_for(&key);
+        let op = Op::Put(Bytes::from_static(b"v"));
+        store
+            .write(3, slot, key.clone(), op, Condition::None)
+            .await
+            .unwrap();
+        assert!(store.get(slot, &key).unwrap().is_some());
     }
 
     #[test]

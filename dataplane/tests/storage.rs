@@ -1370,45 +1370,6 @@ async fn restart_after_checkpoint_keeps_everything() {
     close(store).await;
 }
 
-/// A data directory from before keys were spread within their slot (the `kv` table was
-/// keyed by `(u16 slot, key)`) is refused with a message that says what to do, and is
-/// left as it was.
-#[test]
-fn a_directory_in_the_older_key_format_is_refused_and_kept() {
-    let dir = tempdir().unwrap();
-    let path = dir.path().join("distkv.redb");
-    let old: redb::TableDefinition<(u16, &[u8]), &[u8]> = redb::TableDefinition::new("kv");
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(old)
-            .unwrap()
-            .insert((slot_for(b"k"), &b"k"[..]), &[0u8; 20][..])
-            .unwrap();
-        txn.commit().unwrap();
-    }
-    match Store::open(dir.path(), Arc::new(())) {
-        Err(StoreError::Io(msg)) => {
-            assert!(msg.contains("older distkv"), "{msg}");
-            assert!(msg.contains("empty the directory"), "{msg}");
-        }
-        Ok(_) => panic!("a directory in the older format was opened"),
-        Err(e) => panic!("unexpected error: {e}"),
-    }
-    let db = redb::Database::open(&path).unwrap();
-    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
-    let kept = txn
-        .open_table(old)
-        .unwrap()
-        .get((slot_for(b"k"), &b"k"[..]))
-        .unwrap();
-    assert_eq!(
-        kept.map(|v| v.value().len()),
-        Some(20),
-        "the old data changed"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_copy_holds_every_acknowledged_write() {
     let keys = key_set(300);
