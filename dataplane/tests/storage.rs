@@ -2,7 +2,8 @@
 //! writes, their conditions and epoch fencing; the key count and digest the store maintains;
 //! the replicated log (reads, `epoch_at`, trimming, follower appends, the undoing of a
 //! divergent suffix); snapshot export and install; restarts after a checkpoint and after a
-//! crash; concurrent writers and readers; large values.
+//! crash; concurrent writers and readers; large values; and `distkv inspect` on the
+//! directory a store left.
 //!
 //! The tests assert behaviour, not how the store keeps its data. A crash is simulated by
 //! copying every file of the data directory while the store runs, right after writes were
@@ -1748,4 +1749,68 @@ async fn large_values_round_trip_across_a_crash_and_a_restart() {
     assert_matches(&other, &model);
     close(other).await;
     close(store).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// distkv inspect
+// ---------------------------------------------------------------------------------------
+
+/// `distkv inspect` reports a stopped replica's rows and files as JSON, and refuses, naming
+/// the directory, one it cannot read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_reports_a_stopped_replicas_space() {
+    let keys = key_set(300);
+    let (dir, store) = leader(2).await;
+    for key in &keys {
+        put(&store, 2, key, vec![7u8; 100]).await;
+    }
+    let state = store.state();
+    close(store).await;
+
+    let run = |dir: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_distkv"))
+            .args(["inspect", "--data-dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    // The closed store's threads may hold the database a moment longer.
+    let start = Instant::now();
+    let out = loop {
+        let out = run(dir.path());
+        let busy = String::from_utf8_lossy(&out.stderr).contains("already open");
+        if !busy || start.elapsed() > PATIENCE {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["state"]["keys"], keys.len() as u64);
+    assert_eq!(report["state"]["last"]["seq"], state.last.seq);
+    let kv = &report["tables"][0];
+    assert_eq!(
+        (kv["name"].as_str(), kv["rows"].as_u64()),
+        (Some("kv"), Some(300))
+    );
+    assert!(kv["stored_bytes"].as_u64().unwrap() >= 300 * 100);
+    assert!(report["wal_bytes"].as_u64().unwrap() > 0);
+    assert!(report["db_file_bytes"].as_u64().unwrap() > 0);
+
+    let missing = dir.path().join("nothing-here");
+    let out = run(&missing);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot read") && err.contains("nothing-here"),
+        "{err}"
+    );
+    assert!(
+        !missing.exists(),
+        "inspect created the directory it was asked to read"
+    );
 }
