@@ -97,6 +97,10 @@ impl Wal {
     pub fn open(dir: &Path) -> std::io::Result<(Wal, Vec<WalBatch>)> {
         let (first, mut batches) = Segment::open(dir.join("wal.0"))?;
         let (second, more) = Segment::open(dir.join("wal.1"))?;
+        // A file's fsync does not make its name durable; the directory's does. Without
+        // it a crash soon after the first start could lose a log file of acknowledged
+        // batches (and the database file created just before).
+        File::open(dir)?.sync_all()?;
         batches.extend(more);
         batches.sort_by_key(|b| b.number);
         let wal = Wal {
