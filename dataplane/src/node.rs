@@ -272,12 +272,14 @@ impl Node {
 
     /// This replica's status, as `GET /internal/status` reports it.
     pub fn status(&self, verify: bool) -> Result<NodeStatus, StoreError> {
-        let (st, keys, digest) = if verify {
+        // Positions are always the durable ones. While writes go on, a scan may include a
+        // batch whose fsync is still under way; compare replicas' scans when they are quiet.
+        let st = self.store.state();
+        let (keys, digest) = if verify {
             let scan = self.store.scan_digest()?;
-            (scan.state, scan.keys, scan.digest)
+            (scan.keys, scan.digest)
         } else {
-            let st = self.store.state();
-            (st, st.keys, st.digest)
+            (st.keys, st.digest)
         };
         let a = self.assignment.read().unwrap();
         let (commit_seq, in_sync, follower_acks) = match &a.leadership {
