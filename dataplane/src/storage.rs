@@ -248,6 +248,16 @@ impl LogState {
     fn encode(&self) -> Vec<u8> {
         postcard::to_stdvec(self).expect("log state encodes")
     }
+
+    /// The state of a store whose data and log were discarded: the epoch and the log's
+    /// batch numbering stay, as they only ever rise.
+    fn emptied(self) -> LogState {
+        LogState {
+            epoch: self.epoch,
+            wal_batch: self.wal_batch,
+            ..LogState::default()
+        }
+    }
 }
 
 /// What a full scan of the data found, and the state it is consistent with.
@@ -639,15 +649,11 @@ impl Store {
     /// Recomputes key count and digest by scanning every key. The maintained values in
     /// the returned state must equal these; tests check that they do.
     pub fn scan_digest(&self) -> Result<Scan, StoreError> {
-        // One view of the layers and of redb, copied (the values are shared, not copied)
-        // so that writes go on during the scan of redb.
+        // One view of the layers and of redb, taken under the lock; writes go on while
+        // redb is scanned.
         let (state, recent, wiped, txn) = {
             let layers = self.layers.read().unwrap();
             let (recent, wiped) = layers.all_keys();
-            let recent: HashMap<Bytes, (Slot, Option<(Position, Bytes)>)> = recent
-                .into_iter()
-                .map(|(key, change)| (Bytes::copy_from_slice(key), change.clone()))
-                .collect();
             (layers.active.state, recent, wiped, self.db.begin_read()?)
         };
         let mut keys = 0;
@@ -761,42 +767,18 @@ fn kv_slot(stored: u32) -> Slot {
     (stored >> 16) as Slot
 }
 
-/// A stored value: its version as two varints (usually 4 to 6 bytes, not 16), then the
-/// value's bytes.
+/// A stored value: its version in postcard (two varints, usually 4 to 6 bytes, not 16),
+/// then the value's bytes.
 fn encode_value(version: Position, value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(20 + value.len());
-    put_varint(&mut out, version.epoch);
-    put_varint(&mut out, version.seq);
+    let out = Vec::with_capacity(20 + value.len());
+    let mut out = postcard::to_extend(&version, out).expect("a position encodes");
     out.extend_from_slice(value);
     out
 }
 
 fn decode_value(raw: &[u8]) -> Result<(Position, &[u8]), StoreError> {
-    let corrupt = || StoreError::Io("corrupt value in the kv table".into());
-    let (epoch, rest) = get_varint(raw).ok_or_else(corrupt)?;
-    let (seq, value) = get_varint(rest).ok_or_else(corrupt)?;
-    Ok((Position::new(epoch, seq), value))
-}
-
-/// Appends `n` as LEB128: seven bits per byte, low bits first.
-fn put_varint(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push(n as u8 | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-/// Reads a LEB128 number from the front of `raw`; `None` if it is cut short or too long.
-fn get_varint(raw: &[u8]) -> Option<(u64, &[u8])> {
-    let mut n = 0u64;
-    for (i, byte) in raw.iter().enumerate().take(10) {
-        n |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Some((n, &raw[i + 1..]));
-        }
-    }
-    None
+    postcard::take_from_bytes(raw)
+        .map_err(|e| StoreError::Io(format!("corrupt value in the kv table: {e}")))
 }
 
 fn decode_stored(raw: &[u8]) -> Result<StoredEntry, StoreError> {
@@ -836,10 +818,10 @@ fn recover(db: &Database, batches: &[WalBatch]) -> Result<LogState, StoreError> 
             tracing::warn!("found a partially installed snapshot; discarding local data");
             txn.delete_table(KV)?;
             txn.delete_table(LOG)?;
-            // The epoch and the log's batch numbering only ever rise. An epoch raised
-            // after the snapshot began was acknowledged, so it must hold after the wipe.
+            // An epoch raised after the snapshot began was acknowledged, so it must hold
+            // after the wipe; the log is numbered past every batch it holds.
             let newer = batches.iter().filter(|b| b.number > state.wal_batch);
-            let epoch = newer
+            state.epoch = newer
                 .flat_map(|b| &b.records)
                 .filter_map(|r| match r {
                     WalRecord::Epoch(e) => Some(*e),
@@ -847,11 +829,8 @@ fn recover(db: &Database, batches: &[WalBatch]) -> Result<LogState, StoreError> 
                 })
                 .fold(state.epoch, u64::max);
             let newest = batches.last().map_or(0, |b| b.number);
-            state = LogState {
-                epoch,
-                wal_batch: state.wal_batch.max(newest),
-                ..LogState::default()
-            };
+            state.wal_batch = state.wal_batch.max(newest);
+            state = state.emptied();
             meta.remove(META_SNAPSHOT_PARTIAL)?;
             meta.insert(META_STATE, state.encode().as_slice())?;
         }
@@ -983,11 +962,14 @@ enum Seen<T> {
     Below,
 }
 
+/// A key's slot and its newest value and version, `None` once removed.
+type KeyChange = (Slot, Option<(Position, Bytes)>);
+
 /// Changes not yet written to redb, from one stretch of time.
 #[derive(Default)]
 struct Layer {
     /// The newest value of every key changed here, `None` once removed.
-    kv: HashMap<Bytes, (Slot, Option<(Position, Bytes)>)>,
+    kv: HashMap<Bytes, KeyChange>,
     /// Log entries stored here, `None` for one a truncation removed.
     log: BTreeMap<u64, Option<StoredEntry>>,
     /// Log entries up to this seq were trimmed (0: none).
@@ -1048,13 +1030,13 @@ impl Layers {
         Seen::Below
     }
 
-    /// Every key the layers hold, newest state first, and whether they hide all of redb.
-    #[allow(clippy::type_complexity)]
-    fn all_keys(&self) -> (HashMap<&[u8], &(Slot, Option<(Position, Bytes)>)>, bool) {
+    /// Every key the layers hold with its newest change (sharing, not copying, the bytes),
+    /// and whether they hide all of redb.
+    fn all_keys(&self) -> (HashMap<Bytes, KeyChange>, bool) {
         let mut out = HashMap::new();
         for layer in self.each() {
             for (key, change) in &layer.kv {
-                out.entry(key.as_ref()).or_insert(change);
+                out.entry(key.clone()).or_insert_with(|| change.clone());
             }
             if layer.wiped {
                 return (out, true);
@@ -1350,11 +1332,7 @@ impl Writer {
                         layer.log.clear();
                         layer.wiped = true;
                         layer.snapshot_partial = Some(true);
-                        layer.state = LogState {
-                            epoch: layer.state.epoch,
-                            wal_batch: layer.state.wal_batch,
-                            ..LogState::default()
-                        };
+                        layer.state = layer.state.emptied();
                     });
                     replies.push(Reply::Unit(reply, r));
                 }
@@ -1614,12 +1592,12 @@ impl Tx<'_> {
         })
     }
 
-    fn epoch_at(&self, seq: u64) -> Result<Option<u64>, StoreError> {
+    fn epoch_at(&self, seq: u64) -> Option<u64> {
         let base = self.st().base;
         if seq == base.seq {
-            return Ok(Some(base.epoch));
+            return Some(base.epoch);
         }
-        Ok(self.entry(seq).map(|s| s.entry.epoch))
+        self.entry(seq).map(|s| s.entry.epoch)
     }
 
     fn append(
@@ -1683,7 +1661,7 @@ impl Tx<'_> {
                     .ok_or_else(|| StoreError::Io(format!("log entry {seq} is missing")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let epoch = self.epoch_at(after)?.unwrap_or(0);
+        let epoch = self.epoch_at(after).unwrap_or(0);
         tracing::warn!(
             from = after + 1,
             to = st.last.seq,
@@ -1705,10 +1683,7 @@ impl Tx<'_> {
         if upto <= st.base.seq {
             return;
         }
-        let epoch = match self.epoch_at(upto) {
-            Ok(found) => found.unwrap_or(st.base.epoch),
-            Err(e) => stop(READ_FAILED, &e),
-        };
+        let epoch = self.epoch_at(upto).unwrap_or(st.base.epoch);
         let layer = self.changed();
         layer.log = layer.log.split_off(&(upto + 1));
         layer.trimmed = upto;
@@ -1729,7 +1704,7 @@ impl crate::replication::LogIndex for TxLog<'_, '_> {
         self.0.st().base
     }
     fn epoch_at(&self, seq: u64) -> Result<Option<u64>, StoreError> {
-        self.0.epoch_at(seq)
+        Ok(self.0.epoch_at(seq))
     }
 }
 
