@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -137,6 +137,8 @@ impl Node {
     /// The HTTP app of this node.
     pub fn app(self: &Arc<Self>) -> Router {
         let kv = get(v1_get).put(v1_put).delete(v1_delete);
+        // A leader's batch may exceed the body limit extractors apply by default (2 MiB).
+        let batch_limit = self.cfg.stream.max_request_bytes(&self.cfg.limits);
         let app = Router::new()
             .route("/v1/kv/{*key}", kv)
             .route("/v1/kv/", axum::routing::any(api::empty_key))
@@ -145,7 +147,10 @@ impl Node {
             .route("/delete", get(demo_delete).delete(demo_delete))
             .route("/internal/role", post(set_role))
             .route("/internal/status", get(status))
-            .route("/internal/replicate", post(replicate))
+            .route(
+                "/internal/replicate",
+                post(replicate).layer(DefaultBodyLimit::max(batch_limit)),
+            )
             .route("/internal/snapshot", post(install_snapshot))
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::api::Limits;
 use crate::client::{ClientError, HttpClient};
 use crate::link::{LinkRequest, Links};
 use crate::storage::{AppendOutcome, LogEntry, Position, Store, StoreError};
@@ -201,6 +202,16 @@ impl Default for StreamConfig {
             heartbeat: Duration::from_millis(100),
             snapshot_chunk: 256 << 10,
         }
+    }
+}
+
+impl StreamConfig {
+    /// The largest replicate request a leader with this configuration sends for keys and
+    /// values within `limits`: a batch stays within `max_bytes` unless one entry alone is
+    /// larger, plus the request's own fields.
+    pub fn max_request_bytes(&self, limits: &Limits) -> usize {
+        let one_entry = 64 + limits.max_key_bytes + limits.max_value_bytes;
+        self.max_bytes.max(one_entry) + 16 * self.max_entries + 1024
     }
 }
 

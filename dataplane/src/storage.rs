@@ -553,8 +553,8 @@ impl Store {
         kv_get(&txn.open_table(KV)?, slot, key)
     }
 
-    /// Reads log entries `from..=upto`, at most `max_entries` of them (and about
-    /// `max_bytes`).
+    /// Reads log entries `from..=upto`, at most `max_entries` of them and at most
+    /// `max_bytes` as `entry_bytes` counts them (a first entry larger than that comes alone).
     pub fn read_log(
         &self,
         from: u64,
@@ -582,7 +582,13 @@ impl Store {
                     }
                 }
             };
-            bytes += entry_bytes(&entry);
+            // A batch stays within `max_bytes` unless its first entry alone exceeds it: a
+            // follower sizes what it accepts by that.
+            let size = entry_bytes(&entry);
+            if !out.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
             out.push(entry);
             if out.len() >= max_entries || bytes >= max_bytes {
                 break;
@@ -901,6 +907,8 @@ fn log_get(
 }
 
 /// About the bytes an entry takes, for size limits.
+/// What an entry counts for against a batch's byte budget: its key and value and a bound
+/// of its encoding's other fields.
 fn entry_bytes(entry: &LogEntry) -> usize {
     32 + entry.key.len()
         + match &entry.op {

@@ -836,6 +836,12 @@ async fn read_log_epoch_at_and_trim() {
         written[..1],
         "a size limit still returns one"
     );
+    // Each of these entries counts 36 bytes (32 plus a 2-byte key and value).
+    assert_eq!(
+        log(1, 10, 100, 4 * 36 - 1),
+        written[..3],
+        "a batch stays within its byte budget"
+    );
     assert_eq!(log(9, 20, 100, ANY_SIZE), written[8..], "stops at the end");
     assert!(log(11, 20, 100, ANY_SIZE).is_empty());
     assert!(log(5, 4, 100, ANY_SIZE).is_empty());
