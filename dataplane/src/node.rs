@@ -439,13 +439,15 @@ impl Node {
             }
         }
         self.observe_epoch(epoch);
+        let sent = entries.len() as u64;
         let outcome = self
             .store
             .append(epoch, prev, entries, leader_last)
             .await
             .map_err(store_error)?;
-        self.follower_commit
-            .fetch_max(commit.min(self.store.state().last.seq), Ordering::Relaxed);
+        if let Some(c) = replication::known_committed(&outcome, prev, sent, commit) {
+            self.follower_commit.fetch_max(c, Ordering::Relaxed);
+        }
         Ok(Bytes::from(
             postcard::to_stdvec(&outcome).expect("outcome encodes"),
         ))

@@ -127,6 +127,22 @@ pub fn plan_append<L: LogIndex>(
     })
 }
 
+/// How much of its log a follower may count as committed after appending `sent` entries
+/// after `prev` with the leader's `commit`: only what this round matched against the
+/// leader's log. A longer suffix here may still diverge, and what counts as committed is
+/// trimmed into the data for good.
+pub fn known_committed(
+    outcome: &AppendOutcome,
+    prev: Position,
+    sent: u64,
+    commit: u64,
+) -> Option<u64> {
+    match outcome {
+        AppendOutcome::Appended { .. } => Some(commit.min(prev.seq + sent)),
+        AppendOutcome::Mismatch { .. } => None,
+    }
+}
+
 /// What the leader sends a follower next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NextStep {
@@ -779,6 +795,24 @@ mod tests {
             plan_append(&l, 2, p(2, 7), &entries(8, &[2, 2, 2, 2, 2]), 12),
             append(None, 4)
         );
+    }
+
+    #[test]
+    fn a_follower_counts_as_committed_only_what_the_round_matched() {
+        let appended = AppendOutcome::Appended { last: p(3, 50) };
+        // Its log runs to 50, but only 10..=12 were checked against the leader's.
+        assert_eq!(known_committed(&appended, p(2, 9), 3, 40), Some(12));
+        assert_eq!(known_committed(&appended, p(2, 9), 3, 11), Some(11));
+        assert_eq!(
+            known_committed(&appended, p(2, 9), 0, 40),
+            Some(9),
+            "a heartbeat"
+        );
+        let refused = AppendOutcome::Mismatch {
+            last: p(1, 50),
+            conflict: Some(p(1, 20)),
+        };
+        assert_eq!(known_committed(&refused, p(2, 30), 3, 40), None);
     }
 
     #[test]
