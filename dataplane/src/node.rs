@@ -13,7 +13,7 @@ use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::task::JoinHandle;
@@ -21,9 +21,9 @@ use tokio::task::JoinHandle;
 use crate::api::{self, ApiError, Limits, PutResult};
 use crate::client::HttpClient;
 use crate::metrics::{self, Metrics};
-use crate::replication::{self, Leadership, ReplicateRequest, StreamConfig};
+use crate::replication::{self, Leadership, ReplicateRequest, StreamConfig, Uncommitted};
 use crate::slots::{Slot, slot_for};
-use crate::storage::{Condition, Op, Position, SnapshotCodec, Store, StoreError};
+use crate::storage::{Condition, Op, Position, SnapshotReader, Store, StoreError};
 use crate::topology::Role;
 use crate::wire::{NodeStatus, Peer, RoleRequest};
 
@@ -76,6 +76,16 @@ impl Assignment {
         for (_, (_, task)) in self.streams.drain() {
             task.abort();
         }
+    }
+
+    /// Stops leading: the streams stop, and writes waiting for this leadership's commit
+    /// point are answered at once.
+    fn end_leadership(&mut self) {
+        self.stop_streams();
+        if let Some(l) = self.leadership.take() {
+            l.end();
+        }
+        self.lease_until = None;
     }
 }
 
@@ -228,19 +238,21 @@ impl Node {
     }
 
     async fn wait_committed(&self, leadership: &Leadership, seq: u64) -> Result<(), ApiError> {
-        if leadership.commit() >= seq {
-            return Ok(());
-        }
-        let mut commit = leadership.commit_watch();
-        let waited =
-            tokio::time::timeout(self.cfg.replication_timeout, commit.wait_for(|c| *c >= seq))
-                .await;
+        let waited = leadership
+            .wait_committed(seq, self.cfg.replication_timeout)
+            .await;
         match waited {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(ApiError::unavailable(
+            Ok(()) => Ok(()),
+            Err(Uncommitted::TimedOut) => Err(ApiError::unavailable(
                 "replication_timeout",
                 "the write is durable on the leader but not yet on every in-sync replica; \
                  its outcome is unknown until the control plane settles the in-sync set",
+            )),
+            Err(Uncommitted::Ended) => Err(ApiError::unavailable(
+                "leadership_ended",
+                "the write is durable on the replica that took it, which stopped leading \
+                 before every in-sync replica confirmed it; its outcome is unknown until \
+                 the new leader settles it",
             )),
         }
     }
@@ -353,15 +365,10 @@ impl Node {
             match req.role {
                 Role::Leader => {
                     a.leader = None;
-                    let left = req.lease_ms.saturating_sub(age_ms);
-                    if left == 0 {
-                        tracing::warn!(id = %self.cfg.id, age_ms, "role request arrived after its lease ran out");
-                    }
-                    a.lease_until = Some(Instant::now() + Duration::from_millis(left));
                     let reuse =
                         same_term && a.leadership.as_ref().is_some_and(|l| l.mode() == req.mode);
                     if !reuse {
-                        a.stop_streams();
+                        a.end_leadership();
                         tracing::info!(id = %self.cfg.id, epoch = req.epoch, "leading");
                         self.metrics.promotions.inc();
                         a.leadership = Some(Leadership::new(
@@ -372,6 +379,11 @@ impl Node {
                             self.store.clone(),
                         ));
                     }
+                    let left = req.lease_ms.saturating_sub(age_ms);
+                    if left == 0 {
+                        tracing::warn!(id = %self.cfg.id, age_ms, "role request arrived after its lease ran out");
+                    }
+                    a.lease_until = Some(Instant::now() + Duration::from_millis(left));
                     let leadership = a.leadership.clone().expect("set above");
                     if reuse && leadership.in_sync() != req.in_sync {
                         tracing::info!(id = %self.cfg.id, in_sync = ?req.in_sync, "in-sync set changed");
@@ -384,9 +396,7 @@ impl Node {
                     if a.leadership.is_some() {
                         tracing::info!(id = %self.cfg.id, epoch = req.epoch, "stepping down");
                     }
-                    a.stop_streams();
-                    a.leadership = None;
-                    a.lease_until = None;
+                    a.end_leadership();
                     a.leader = req.leader.clone();
                 }
             }
@@ -460,9 +470,7 @@ impl Node {
             if a.role == Role::Leader {
                 tracing::warn!(id = %self.cfg.id, epoch, "a newer leader exists; stepping down");
             }
-            a.stop_streams();
-            a.leadership = None;
-            a.lease_until = None;
+            a.end_leadership();
             a.epoch = epoch;
             a.role = Role::Follower;
             a.leader = None;
@@ -721,6 +729,10 @@ struct SnapshotQuery {
     epoch: u64,
 }
 
+/// Longest a snapshot stream may pause. The leader holds back the stream's end until the
+/// snapshot's position is committed, which takes a replication round, not this long.
+const SNAPSHOT_STALL: Duration = Duration::from_secs(30);
+
 /// Receives a snapshot stream and replaces this replica's data with it.
 async fn install_snapshot(
     State(node): NodeState,
@@ -728,39 +740,40 @@ async fn install_snapshot(
     req: Request,
 ) -> Result<axum::Json<Position>, ApiError> {
     node.observe_epoch(q.epoch);
-    node.store
+    let install = node
+        .store
         .snapshot_begin(q.epoch)
         .await
         .map_err(store_error)?;
     let mut stream = req.into_body().into_data_stream();
-    let mut buf = BytesMut::new();
-    let mut at = None;
-    while let Some(chunk) = stream.next().await {
+    let mut reader = SnapshotReader::default();
+    loop {
+        // A sender that went quiet would leave this replica wiped and half installed; it
+        // gives up, and the leader starts over.
+        let next = tokio::time::timeout(SNAPSHOT_STALL, stream.next())
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "snapshot_stalled",
+                    format!("no snapshot data for {}s", SNAPSHOT_STALL.as_secs()),
+                )
+            })?;
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_snapshot", e.to_string()))?;
-        buf.extend_from_slice(&chunk);
-        if at.is_none() {
-            at = SnapshotCodec::take_header(&mut buf).map_err(store_error)?;
-        }
-        if at.is_some() {
-            let records = SnapshotCodec::take_records(&mut buf);
-            if !records.is_empty() {
-                node.store
-                    .snapshot_chunk(records)
-                    .await
-                    .map_err(store_error)?;
-            }
+        let records = reader.push(&chunk).map_err(store_error)?;
+        if !records.is_empty() {
+            node.store
+                .snapshot_chunk(install, records)
+                .await
+                .map_err(store_error)?;
         }
     }
-    let at = at.ok_or_else(|| {
-        ApiError::bad_request("invalid_snapshot", "stream ended before its header")
-    })?;
-    if !buf.is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid_snapshot",
-            "stream ended inside a record",
-        ));
-    }
-    node.store.snapshot_end(at).await.map_err(store_error)?;
+    let at = reader.finish().map_err(store_error)?;
+    node.store
+        .snapshot_end(install, at)
+        .await
+        .map_err(store_error)?;
     node.snapshots_installed.fetch_add(1, Ordering::Relaxed);
     node.metrics.snapshots_installed.inc();
     node.follower_commit.fetch_max(at.seq, Ordering::Relaxed);

@@ -231,6 +231,17 @@ impl StreamConfig {
     }
 }
 
+/// Why a wait for the commit point ended without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Uncommitted {
+    /// The in-sync replicas did not all confirm in time.
+    #[error("the in-sync replicas did not confirm in time")]
+    TimedOut,
+    /// This replica no longer leads at that epoch.
+    #[error("the leadership ended")]
+    Ended,
+}
+
 /// One follower's progress as its leader sees it.
 #[derive(Debug, Clone, Copy)]
 struct Progress {
@@ -250,6 +261,8 @@ pub struct Leadership {
     progress: Mutex<HashMap<String, Progress>>,
     commit: watch::Sender<u64>,
     store: Store,
+    /// Set once this leadership is over: to the higher epoch a follower reported, or to
+    /// its own when the control plane ended it.
     deposed: watch::Sender<Option<u64>>,
     started: Instant,
 }
@@ -343,7 +356,35 @@ impl Leadership {
         self.commit.subscribe()
     }
 
-    /// The higher epoch a follower reported, once this leader has been replaced.
+    /// Waits until `seq` is committed, for at most `limit`; gives up as soon as this
+    /// leadership is over, since its commit point will not move again.
+    pub async fn wait_committed(&self, seq: u64, limit: Duration) -> Result<(), Uncommitted> {
+        if self.commit() >= seq {
+            return Ok(());
+        }
+        let mut commit = self.commit.subscribe();
+        let mut over = self.deposed.subscribe();
+        let wait = async {
+            tokio::select! {
+                r = commit.wait_for(|c| *c >= seq) => r.map(drop).map_err(|_| Uncommitted::Ended),
+                _ = over.wait_for(Option::is_some) => Err(Uncommitted::Ended),
+            }
+        };
+        tokio::time::timeout(limit, wait)
+            .await
+            .unwrap_or(Err(Uncommitted::TimedOut))
+    }
+
+    /// Ends this leadership on the control plane's word (a new role or term).
+    pub fn end(&self) {
+        self.deposed.send_if_modified(|d| {
+            let first = d.is_none();
+            d.get_or_insert(self.epoch);
+            first
+        });
+    }
+
+    /// Set once this leadership is over (see the field).
     pub fn deposed(&self) -> Option<u64> {
         *self.deposed.borrow()
     }
@@ -533,6 +574,9 @@ pub enum StreamError {
     /// Local storage failure.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A snapshot's position was not committed.
+    #[error("snapshot not committed: {0}")]
+    Uncommitted(#[from] Uncommitted),
     /// The follower answered something unreadable.
     #[error("bad answer from follower: {0}")]
     Protocol(String),
@@ -604,6 +648,9 @@ async fn replicate_once(
     })
 }
 
+/// How long a snapshot's end waits for its position to be committed.
+const SNAPSHOT_COMMIT_WAIT: Duration = Duration::from_secs(10);
+
 async fn send_snapshot(
     leadership: &Leadership,
     peer: &Peer,
@@ -614,16 +661,29 @@ async fn send_snapshot(
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     let store = leadership.store.clone();
     let chunk = cfg.snapshot_chunk;
+    let records = tx.clone();
     let export = tokio::task::spawn_blocking(move || {
-        store.export_snapshot(chunk, |b| tx.blocking_send(b).is_ok())
+        store.export_snapshot(chunk, |b| records.blocking_send(b).is_ok())
     });
     let path = format!("/internal/snapshot?epoch={}", leadership.epoch);
-    let resp = http
-        .post_stream(&peer.address, &path, rx, Duration::from_secs(600))
-        .await;
-    let at = export
-        .await
-        .map_err(|e| StreamError::Protocol(e.to_string()))??;
+    let sending = http.post_stream(&peer.address, &path, rx, Duration::from_secs(600));
+    let ending = async move {
+        let exported = export
+            .await
+            .map_err(|e| StreamError::Protocol(e.to_string()))??;
+        // The follower makes the snapshot's position the base of its log, and a base is
+        // never cut: it must be committed, or a failover could undo entries below it and
+        // leave the follower diverged for good. Without the end, nothing is installed.
+        leadership
+            .wait_committed(exported.at.seq, SNAPSHOT_COMMIT_WAIT)
+            .await?;
+        tx.send(exported.end)
+            .await
+            .map_err(|_| StreamError::Protocol("the snapshot stream closed early".into()))?;
+        Ok::<_, StreamError>(exported.at)
+    };
+    let (resp, at) = tokio::join!(sending, ending);
+    let at = at?;
     let resp = resp?;
     if resp.status == hyper::StatusCode::CONFLICT {
         return Err(StreamError::Stale(
@@ -795,6 +855,31 @@ mod tests {
             plan_append(&l, 2, p(2, 7), &entries(8, &[2, 2, 2, 2, 2]), 12),
             append(None, 4)
         );
+    }
+
+    /// A write waiting for the commit point of a leadership that ends (a new role or
+    /// term) is answered at once rather than after the whole replication timeout.
+    #[tokio::test]
+    async fn a_wait_for_the_commit_point_ends_with_the_leadership() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Arc::new(())).unwrap();
+        let peers = vec!["me".to_string(), "other".to_string()];
+        let leadership = Leadership::new("me".into(), 1, AckMode::Sync, peers, store.clone());
+        assert_eq!(leadership.wait_committed(0, Duration::ZERO).await, Ok(()));
+        let limit = Duration::from_millis(50);
+        assert_eq!(
+            leadership.wait_committed(1, limit).await,
+            Err(Uncommitted::TimedOut),
+            "nothing confirms seq 1"
+        );
+        let waiting = tokio::spawn({
+            let leadership = leadership.clone();
+            async move { leadership.wait_committed(1, Duration::from_secs(10)).await }
+        });
+        tokio::task::yield_now().await;
+        leadership.end();
+        assert_eq!(waiting.await.unwrap(), Err(Uncommitted::Ended));
+        assert_eq!(leadership.deposed(), Some(1));
     }
 
     #[test]

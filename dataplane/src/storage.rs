@@ -311,13 +311,15 @@ enum Command {
     },
     SnapshotBegin {
         epoch: u64,
-        reply: oneshot::Sender<Result<(), StoreError>>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
     },
     SnapshotChunk {
+        install: u64,
         records: Vec<SnapshotRecord>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     SnapshotEnd {
+        install: u64,
         at: Position,
         reply: oneshot::Sender<Result<LogState, StoreError>>,
     },
@@ -419,6 +421,7 @@ impl Store {
             observer,
             wal,
             active_since: Instant::now(),
+            installs: Installs::default(),
         };
         spawn("distkv-writer", Box::new(move || writer.run(rx)))?;
         Ok(Store {
@@ -525,21 +528,32 @@ impl Store {
         let _ = self.commands.send(Command::Trim { upto });
     }
 
-    /// Starts replacing all data with a snapshot sent by the leader at `epoch`.
-    pub async fn snapshot_begin(&self, epoch: u64) -> Result<(), StoreError> {
+    /// Starts replacing all data with a snapshot sent by the leader at `epoch`. Returns
+    /// the install's number, which its chunks and end must name: they are refused once
+    /// another install began or a higher epoch was seen.
+    pub async fn snapshot_begin(&self, epoch: u64) -> Result<u64, StoreError> {
         self.call(|reply| Command::SnapshotBegin { epoch, reply })
             .await
     }
 
-    /// Stores one chunk of a snapshot being installed.
-    pub async fn snapshot_chunk(&self, records: Vec<SnapshotRecord>) -> Result<(), StoreError> {
-        self.call(|reply| Command::SnapshotChunk { records, reply })
-            .await
+    /// Stores one chunk of snapshot install `install`.
+    pub async fn snapshot_chunk(
+        &self,
+        install: u64,
+        records: Vec<SnapshotRecord>,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| Command::SnapshotChunk {
+            install,
+            records,
+            reply,
+        })
+        .await
     }
 
-    /// Finishes a snapshot taken at `at`: the log restarts after it.
-    pub async fn snapshot_end(&self, at: Position) -> Result<LogState, StoreError> {
-        self.call(|reply| Command::SnapshotEnd { at, reply }).await
+    /// Finishes snapshot install `install`, taken at `at`: the log restarts after it.
+    pub async fn snapshot_end(&self, install: u64, at: Position) -> Result<LogState, StoreError> {
+        self.call(|reply| Command::SnapshotEnd { install, at, reply })
+            .await
     }
 
     /// Reads a key: its version and value.
@@ -616,14 +630,14 @@ impl Store {
         Ok(log_get(&txn.open_table(LOG)?, seq)?.map(|s| s.entry.epoch))
     }
 
-    /// Streams a consistent copy of every key into `sink`, framed by [`SnapshotCodec`],
-    /// `chunk_bytes` at a time. Blocking: run it on a blocking thread. Returns the
-    /// position the copy is consistent with.
+    /// Streams a consistent copy of every key into `sink`, framed as [`SnapshotReader`]
+    /// reads it, `chunk_bytes` at a time, all but its end. Blocking: run it on a blocking
+    /// thread.
     pub fn export_snapshot(
         &self,
         chunk_bytes: usize,
         mut sink: impl FnMut(Bytes) -> bool,
-    ) -> Result<Position, StoreError> {
+    ) -> Result<Exported, StoreError> {
         // Copy what redb holds once it holds everything written so far: the copy then
         // reaches past anything the log has dropped by now.
         let (tx, rx) = oneshot::channel();
@@ -637,11 +651,13 @@ impl Store {
         let table = txn.open_table(KV)?;
         let mut buf = BytesMut::with_capacity(chunk_bytes + 1024);
         SnapshotCodec::put_header(&mut buf, state.last);
+        let mut records = 0;
         for item in table.iter()? {
             let (k, v) = item?;
             let (stored, key) = k.value();
             let (version, value) = decode_value(v.value())?;
             SnapshotCodec::put_record(&mut buf, kv_slot(stored), key, version, value);
+            records += 1;
             if buf.len() >= chunk_bytes && !sink(buf.split().freeze()) {
                 return Err(StoreError::Io("snapshot receiver went away".into()));
             }
@@ -649,7 +665,11 @@ impl Store {
         if !buf.is_empty() && !sink(buf.split().freeze()) {
             return Err(StoreError::Io("snapshot receiver went away".into()));
         }
-        Ok(state.last)
+        SnapshotCodec::put_end(&mut buf, records);
+        Ok(Exported {
+            at: state.last,
+            end: buf.freeze(),
+        })
     }
 
     /// Recomputes key count and digest by scanning every key. The maintained values in
@@ -691,12 +711,27 @@ impl Store {
     }
 }
 
-/// Framing of the snapshot stream: a header with the position the copy is consistent
-/// with, then records `slot u16 | key len u32 | key | epoch u64 | seq u64 | value len u32 | value`.
-pub struct SnapshotCodec;
+/// A snapshot streamed by [`Store::export_snapshot`] but for its end.
+#[derive(Debug)]
+pub struct Exported {
+    /// The position the copy is consistent with.
+    pub at: Position,
+    /// The last bytes of the stream. A receiver installs the snapshot only once they
+    /// arrive, so a sender that fails, or finds `at` is not committed, ends the stream
+    /// without them and nothing is installed.
+    pub end: Bytes,
+}
 
-const SNAPSHOT_MAGIC: &[u8; 8] = b"DKVSNAP1";
+/// Framing of the snapshot stream: a header with the position the copy is consistent
+/// with, then records `slot u16 | key len u32 | key | epoch u64 | seq u64 | value len u32 | value`,
+/// then the end: [`SNAPSHOT_END`] where a slot would be, and the number of records.
+struct SnapshotCodec;
+
+/// Version 2 has the end marker; a receiver of version 1 would install a stream cut short.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"DKVSNAP2";
 const SNAPSHOT_HEADER: usize = 8 + 16;
+/// In the place of a record's slot, which is always lower, marks the end of the stream.
+const SNAPSHOT_END: u16 = u16::MAX;
 
 impl SnapshotCodec {
     fn put_header(buf: &mut BytesMut, at: Position) {
@@ -715,13 +750,20 @@ impl SnapshotCodec {
         buf.put_slice(value);
     }
 
+    fn put_end(buf: &mut BytesMut, records: u64) {
+        buf.put_u16(SNAPSHOT_END);
+        buf.put_u64(records);
+    }
+
     /// Takes the header off the front of `buf` once it has arrived whole.
-    pub fn take_header(buf: &mut BytesMut) -> Result<Option<Position>, StoreError> {
+    fn take_header(buf: &mut BytesMut) -> Result<Option<Position>, StoreError> {
         if buf.len() < SNAPSHOT_HEADER {
             return Ok(None);
         }
         if &buf[..8] != SNAPSHOT_MAGIC {
-            return Err(StoreError::BadSnapshot("bad magic".into()));
+            return Err(StoreError::BadSnapshot(
+                "not a snapshot stream of this version of distkv".into(),
+            ));
         }
         buf.advance(8);
         let epoch = buf.get_u64();
@@ -729,11 +771,11 @@ impl SnapshotCodec {
         Ok(Some(Position::new(epoch, seq)))
     }
 
-    /// Takes every record that has arrived whole off the front of `buf`.
-    pub fn take_records(buf: &mut BytesMut) -> Vec<SnapshotRecord> {
+    /// Takes every record that has arrived whole off the front of `buf`, up to the end.
+    fn take_records(buf: &mut BytesMut) -> Vec<SnapshotRecord> {
         let mut out = Vec::new();
         loop {
-            if buf.len() < 6 {
+            if buf.len() < 6 || Self::at_end(buf) {
                 return out;
             }
             let klen = u32::from_be_bytes(buf[2..6].try_into().unwrap()) as usize;
@@ -758,6 +800,73 @@ impl SnapshotCodec {
                 version: Position::new(epoch, seq),
                 value: rec,
             });
+        }
+    }
+
+    fn at_end(buf: &[u8]) -> bool {
+        buf.len() >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == SNAPSHOT_END
+    }
+
+    /// Takes the end off the front of `buf` once it has arrived whole: the number of
+    /// records the sender sent.
+    fn take_end(buf: &mut BytesMut) -> Option<u64> {
+        if buf.len() < 10 || !Self::at_end(buf) {
+            return None;
+        }
+        buf.advance(2);
+        Some(buf.get_u64())
+    }
+}
+
+/// Reads a snapshot stream as it arrives, in pieces cut anywhere.
+#[derive(Debug, Default)]
+pub struct SnapshotReader {
+    buf: BytesMut,
+    at: Option<Position>,
+    records: u64,
+    ended: bool,
+}
+
+impl SnapshotReader {
+    /// Takes the next piece of the stream; returns the records it completes.
+    pub fn push(&mut self, piece: &[u8]) -> Result<Vec<SnapshotRecord>, StoreError> {
+        if self.ended {
+            return Err(StoreError::BadSnapshot("bytes after the end".into()));
+        }
+        self.buf.extend_from_slice(piece);
+        if self.at.is_none() {
+            self.at = SnapshotCodec::take_header(&mut self.buf)?;
+            if self.at.is_none() {
+                return Ok(Vec::new());
+            }
+        }
+        let records = SnapshotCodec::take_records(&mut self.buf);
+        self.records += records.len() as u64;
+        if let Some(sent) = SnapshotCodec::take_end(&mut self.buf) {
+            if sent != self.records {
+                return Err(StoreError::BadSnapshot(format!(
+                    "{} records arrived of {sent} sent",
+                    self.records
+                )));
+            }
+            if !self.buf.is_empty() {
+                return Err(StoreError::BadSnapshot("bytes after the end".into()));
+            }
+            self.ended = true;
+        }
+        Ok(records)
+    }
+
+    /// The position the snapshot was taken at, if the stream arrived whole.
+    pub fn finish(self) -> Result<Position, StoreError> {
+        match (self.at, self.ended) {
+            (Some(at), true) => Ok(at),
+            (None, _) => Err(StoreError::BadSnapshot(
+                "the stream ended before its header".into(),
+            )),
+            (Some(_), false) => Err(StoreError::BadSnapshot(
+                "the stream ended before its end: the sender gave up".into(),
+            )),
         }
     }
 }
@@ -1181,6 +1290,39 @@ struct Writer {
     wal: Wal,
     /// When the active layer began.
     active_since: Instant,
+    installs: Installs,
+}
+
+/// The snapshot install under way. Two leaders' streams may reach a replica at once (the
+/// older one not yet told it was deposed): only the latest install, and only while no
+/// higher epoch has been seen, may write.
+#[derive(Default)]
+struct Installs {
+    started: u64,
+    current: Option<(u64, u64)>,
+}
+
+impl Installs {
+    /// Starts an install for the leader at `epoch`; returns its number.
+    fn begin(&mut self, epoch: u64) -> u64 {
+        self.started += 1;
+        self.current = Some((self.started, epoch));
+        self.started
+    }
+
+    /// Whether install `id` may still write, the replica being at epoch `now`.
+    fn check(&self, id: u64, now: u64) -> Result<(), StoreError> {
+        match self.current {
+            Some((current, epoch)) if current == id && epoch == now => Ok(()),
+            Some((current, epoch)) if current == id => Err(StoreError::StaleEpoch {
+                request: epoch,
+                current: now,
+            }),
+            _ => Err(StoreError::BadSnapshot(
+                "a newer snapshot install replaced this one".into(),
+            )),
+        }
+    }
 }
 
 /// A reply owed once the batch is durable.
@@ -1341,22 +1483,35 @@ impl Writer {
                         layer.wiped = true;
                         layer.snapshot_partial = Some(true);
                         layer.state = layer.state.emptied();
+                        self.installs.begin(epoch)
+                    });
+                    replies.push(Reply::Epoch(reply, r));
+                }
+                Command::SnapshotChunk {
+                    install,
+                    records,
+                    reply,
+                } => {
+                    let r = self.installs.check(install, tx.st().epoch).map(|()| {
+                        for r in records {
+                            let before = tx.current(r.slot, &r.key);
+                            tx.set_kv(r.slot, r.key, &before, Some((r.version, r.value)));
+                        }
                     });
                     replies.push(Reply::Unit(reply, r));
                 }
-                Command::SnapshotChunk { records, reply } => {
-                    for r in records {
-                        let before = tx.current(r.slot, &r.key);
-                        tx.set_kv(r.slot, r.key, &before, Some((r.version, r.value)));
+                Command::SnapshotEnd { install, at, reply } => {
+                    match self.installs.check(install, tx.st().epoch) {
+                        Ok(()) => {
+                            self.installs.current = None;
+                            let layer = tx.changed();
+                            layer.snapshot_partial = Some(false);
+                            layer.state.last = at;
+                            layer.state.base = at;
+                            replies.push(Reply::State(reply));
+                        }
+                        Err(e) => drop(reply.send(Err(e))),
                     }
-                    replies.push(Reply::Unit(reply, Ok(())));
-                }
-                Command::SnapshotEnd { at, reply } => {
-                    let layer = tx.changed();
-                    layer.snapshot_partial = Some(false);
-                    layer.state.last = at;
-                    layer.state.base = at;
-                    replies.push(Reply::State(reply));
                 }
                 Command::Checkpoint { reply } => replies.push(Reply::Unit(reply, Ok(()))),
             }

@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use dataplane::replication::{NextStep, next_after_mismatch, step_from};
 use dataplane::slots::slot_for;
 use dataplane::storage::{
-    AppendOutcome, Condition, LogEntry, LogState, Op, Position, SnapshotCodec, Store, StoreError,
-    WriteOutcome,
+    AppendOutcome, Condition, LogEntry, LogState, Op, Position, SnapshotReader, SnapshotRecord,
+    Store, StoreError, WriteOutcome,
 };
 use futures_util::future::join_all;
 use tempfile::{TempDir, tempdir};
@@ -417,45 +417,51 @@ async fn random_writes(
 }
 
 /// Exports a snapshot of `store` in chunks of about `chunk_bytes` (on a blocking thread,
-/// as it must be); returns its position and the chunks.
+/// as it must be); returns its position and the whole stream's chunks, its end last.
 async fn export(store: &Store, chunk_bytes: usize) -> (Position, Vec<Bytes>) {
     let store = store.clone();
     tokio::task::spawn_blocking(move || {
         let mut chunks = Vec::new();
-        let at = store
+        let exported = store
             .export_snapshot(chunk_bytes, |chunk| {
                 chunks.push(chunk);
                 true
             })
             .unwrap();
-        (at, chunks)
+        chunks.push(exported.end);
+        (exported.at, chunks)
     })
     .await
     .unwrap()
+}
+
+/// Whether `r` is the refusal of a snapshot stream or install.
+fn bad<T>(r: Result<T, StoreError>) -> bool {
+    matches!(r, Err(StoreError::BadSnapshot(_)))
+}
+
+/// The records of a whole snapshot stream.
+fn records_of(chunks: &[Bytes]) -> Vec<SnapshotRecord> {
+    let mut reader = SnapshotReader::default();
+    let records = reader.push(&chunks.concat()).unwrap();
+    reader.finish().unwrap();
+    records
 }
 
 /// Installs a snapshot stream into `store` as a follower receives it from the leader at
 /// `epoch`: the stream arrives in pieces of `piece` bytes, which cut records anywhere.
 async fn install(store: &Store, epoch: u64, chunks: &[Bytes], piece: usize) -> LogState {
     let stream = chunks.concat();
-    store.snapshot_begin(epoch).await.unwrap();
-    let mut buf = BytesMut::new();
-    let mut at = None;
+    let id = store.snapshot_begin(epoch).await.unwrap();
+    let mut reader = SnapshotReader::default();
     for part in stream.chunks(piece) {
-        buf.extend_from_slice(part);
-        if at.is_none() {
-            at = SnapshotCodec::take_header(&mut buf).unwrap();
-        }
-        if at.is_some() {
-            let records = SnapshotCodec::take_records(&mut buf);
-            if !records.is_empty() {
-                store.snapshot_chunk(records).await.unwrap();
-            }
+        let records = reader.push(part).unwrap();
+        if !records.is_empty() {
+            store.snapshot_chunk(id, records).await.unwrap();
         }
     }
-    assert!(buf.is_empty(), "the stream ended inside a record");
-    let at = at.expect("the stream has a header");
-    let st = store.snapshot_end(at).await.unwrap();
+    let at = reader.finish().expect("the stream arrived whole");
+    let st = store.snapshot_end(id, at).await.unwrap();
     assert_eq!((st.last, st.base), (at, at));
     st
 }
@@ -1215,18 +1221,79 @@ async fn snapshot_replaces_the_receivers_data_and_appends_continue_after_it() {
     close(empty).await;
 }
 
-#[test]
-fn snapshot_codec_waits_for_whole_frames_and_rejects_garbage() {
-    let mut buf = BytesMut::from(&b"DKVSNAP1"[..]);
-    assert_eq!(SnapshotCodec::take_header(&mut buf), Ok(None));
-    let mut buf = BytesMut::from(&[0u8; 64][..]);
-    assert!(matches!(
-        SnapshotCodec::take_header(&mut buf),
-        Err(StoreError::BadSnapshot(_))
-    ));
-    let mut buf = BytesMut::from(&[0u8, 1, 0, 0][..]);
-    assert!(SnapshotCodec::take_records(&mut buf).is_empty());
-    assert_eq!(buf.len(), 4, "a partial record stays in the buffer");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_stream_counts_only_when_it_arrives_whole() {
+    let (_sd, source) = leader(1).await;
+    for i in 0..20 {
+        put(&source, 1, format!("k{i}").as_bytes(), "v").await;
+    }
+    let (at, chunks) = export(&source, 64).await;
+    let stream = chunks.concat();
+    let end = chunks.last().unwrap().len();
+    assert_eq!(end, 10, "the end: a marker and the count of records");
+
+    let mut whole = SnapshotReader::default();
+    assert_eq!(whole.push(&stream).unwrap().len(), 20);
+    assert_eq!(whole.finish(), Ok(at));
+    // Cut anywhere before its end, it installs nothing: a sender that gave up, or held
+    // back the end because the position was not committed.
+    for cut in [0, 5, 30, stream.len() - end, stream.len() - 1] {
+        let mut reader = SnapshotReader::default();
+        reader.push(&stream[..cut]).unwrap();
+        assert!(
+            bad(reader.finish()),
+            "stream cut at {cut} of {}",
+            stream.len()
+        );
+    }
+    // Bytes after the end, an end that counts other records, another version, garbage.
+    let mut reader = SnapshotReader::default();
+    let mut longer = stream.clone();
+    longer.push(0);
+    assert!(bad(reader.push(&longer)));
+    let mut miscounted = stream.clone();
+    *miscounted.last_mut().unwrap() += 1;
+    assert!(bad(SnapshotReader::default().push(&miscounted)));
+    let mut older = stream.clone();
+    older[..8].copy_from_slice(b"DKVSNAP1");
+    assert!(bad(SnapshotReader::default().push(&older)));
+    assert!(bad(SnapshotReader::default().push(&[0u8; 64])));
+    close(source).await;
+}
+
+/// An install is fenced by its number and epoch: a second stream (say, a deposed leader's
+/// still running) or a raised epoch makes the first one's chunks and end fail, and
+/// nothing of them lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_snapshot_install_is_refused() {
+    let (_sd, source) = leader(5).await;
+    put(&source, 5, b"k", "v").await;
+    let (at, chunks) = export(&source, 1 << 20).await;
+    let records = records_of(&chunks);
+    let (_rd, receiver) = fresh().await;
+
+    let first = receiver.snapshot_begin(5).await.unwrap();
+    let second = receiver.snapshot_begin(5).await.unwrap();
+    assert!(bad(receiver.snapshot_chunk(first, records.clone()).await));
+    assert!(bad(receiver.snapshot_end(first, at).await));
+    assert_eq!(get(&receiver, b"k"), None);
+    receiver
+        .snapshot_chunk(second, records.clone())
+        .await
+        .unwrap();
+    assert_eq!(receiver.raise_epoch(6).await, Ok(6));
+    let stale = Err(StoreError::StaleEpoch {
+        request: 5,
+        current: 6,
+    });
+    assert_eq!(receiver.snapshot_chunk(second, records).await, stale);
+    assert_eq!(receiver.snapshot_end(second, at).await.map(|_| ()), stale);
+    assert_eq!(receiver.state().last, Position::default(), "not installed");
+    // The leader of epoch 6 installs from the start.
+    install(&receiver, 6, &chunks, 7).await;
+    assert_eq!(get(&receiver, b"k").map(|(_, v)| v), Some(b("v")));
+    close(receiver).await;
+    close(source).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1267,13 +1334,11 @@ async fn a_crash_during_snapshot_install_leaves_an_empty_store() {
     put(&receiver, 1, b"mine", "x").await;
 
     let (_, chunks) = export(&source, 1 << 20).await;
-    let mut buf = BytesMut::from(&chunks.concat()[..]);
-    SnapshotCodec::take_header(&mut buf).unwrap().unwrap();
-    let records = SnapshotCodec::take_records(&mut buf);
+    let records = records_of(&chunks);
     assert!(records.len() > 10);
-    receiver.snapshot_begin(5).await.unwrap();
+    let id = receiver.snapshot_begin(5).await.unwrap();
     receiver
-        .snapshot_chunk(records[..records.len() / 2].to_vec())
+        .snapshot_chunk(id, records[..records.len() / 2].to_vec())
         .await
         .unwrap();
     // Neither the old data nor half a snapshot may come back: the copy starts from nothing,
@@ -1304,13 +1369,11 @@ async fn an_epoch_raised_during_a_snapshot_install_survives_a_crash() {
     let (_sd, source) = leader(5).await;
     put(&source, 5, b"k", "v").await;
     let (_, chunks) = export(&source, 1 << 20).await;
-    let mut buf = BytesMut::from(&chunks.concat()[..]);
-    SnapshotCodec::take_header(&mut buf).unwrap().unwrap();
-    let records = SnapshotCodec::take_records(&mut buf);
+    let records = records_of(&chunks);
 
     let (_rd, receiver) = fresh().await;
-    receiver.snapshot_begin(5).await.unwrap();
-    receiver.snapshot_chunk(records).await.unwrap();
+    let id = receiver.snapshot_begin(5).await.unwrap();
+    receiver.snapshot_chunk(id, records).await.unwrap();
     assert_eq!(receiver.raise_epoch(7).await, Ok(7));
 
     // A crash right after the raise; then a crash of the copy right after it opened.
