@@ -220,7 +220,10 @@ impl Router {
                     self.metrics.retries.inc();
                     hint = shard.leader_address().map(str::to_owned);
                 }
-                Ok(r) if retry && moved(r.status) => {
+                // Moved again after a reload: the replica's own 421 or 409 would tell the
+                // client nothing it can act on.
+                Ok(r) if moved(r.status) && !retry => break,
+                Ok(r) if moved(r.status) => {
                     self.metrics.retries.inc();
                     self.reload_file();
                     hint = api::leader_in_error(&r.body).filter(|h| *h != addr);
@@ -232,7 +235,9 @@ impl Router {
                     self.reload_file();
                 }
                 Err(ClientError::Timeout(_)) => {
-                    let outcome = if method == Method::GET {
+                    // The demo's `GET /delete` is a write too.
+                    let read = method == Method::GET && !path_and_query.starts_with("/delete");
+                    let outcome = if read {
                         ""
                     } else {
                         "; the write's outcome is unknown"

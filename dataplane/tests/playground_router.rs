@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use dataplane::slots::SLOT_COUNT;
+use dataplane::topology::{ReplicaInfo, Role, ShardInfo, Topology};
 use hyper::Method;
 
 /// A playground whose data directory is a fresh `/tmp/pg-*`, removed after it stops.
@@ -231,4 +233,78 @@ async fn lowered_key_limit_reaches_the_router_and_the_nodes() {
         413
     );
     pg.stop();
+}
+
+/// A router whose topology names a leader that does not lead (a replica never given a
+/// role) asks again once, then answers 503 `leader_moved` with `Retry-After`: not the
+/// replica's own 421, which a client cannot act on.
+#[tokio::test]
+async fn a_shard_whose_leader_does_not_lead_answers_503_leader_moved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = NodeProc::start("s0-r0", &tmp.path().join("r0"), &[]);
+    let topology = Topology {
+        version: 1,
+        shards: vec![ShardInfo {
+            id: 0,
+            epoch: 1,
+            leader: Some(node.id.clone()),
+            slot_ranges: vec![(0, SLOT_COUNT - 1)],
+            replicas: vec![ReplicaInfo {
+                id: node.id.clone(),
+                address: node.addr.clone(),
+                role: Role::Leader,
+                in_sync: true,
+            }],
+        }],
+        ..Topology::default()
+    };
+    let file = tmp.path().join("topology.json");
+    std::fs::write(&file, serde_json::to_vec(&topology).unwrap()).unwrap();
+    let mut router = Killed(
+        std::process::Command::new(exe())
+            .args([
+                "router",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--topology")
+            .arg(&file)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // It prints its two addresses; the pipe stays open until it is killed.
+    let mut out = std::io::BufReader::new(router.0.stdout.take().unwrap());
+    let mut lines = [String::new(), String::new()];
+    for line in &mut lines {
+        std::io::BufRead::read_line(&mut out, line).unwrap();
+    }
+    let addr = lines[0]
+        .strip_prefix("listening ")
+        .unwrap()
+        .trim()
+        .to_string();
+    let http = Http::default();
+    for r in [
+        http.put(&addr, "k", "v").await,
+        http.get(&addr, "/v1/kv/k").await,
+    ] {
+        assert_eq!(
+            (r.status.as_u16(), error_code(&r)),
+            (503, "leader_moved".into())
+        );
+        assert!(r.headers.contains_key("retry-after"));
+    }
+}
+
+/// A child process killed when the test ends, passed or failed.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
