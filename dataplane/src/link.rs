@@ -43,9 +43,15 @@ use crate::client::{ClientError, Response};
 /// First bytes of a link connection; no HTTP request starts like this.
 pub const PREFACE: &[u8; 8] = b"DKVLINK1";
 
-/// Largest frame either end accepts. Frames are read as their bytes arrive, never
-/// allocated up front, so this only bounds what a broken peer can make us hold.
+/// Largest frame either end accepts. Room for a frame grows as its bytes arrive, never
+/// up front by its announced length, so this only bounds what a broken peer can make us
+/// hold.
 const MAX_FRAME: usize = 1 << 30;
+
+/// Bytes of frames a connection may have queued and not yet written. A node that stops
+/// reading (stopped, or at [`MAX_IN_FLIGHT`]) fails requests beyond this at once rather
+/// than have them pile up in the caller's memory.
+const MAX_QUEUED: usize = 64 << 20;
 
 /// Requests one connection may have in a node's hands at once; past this the node stops
 /// reading until some finish, and TCP pushes back on the caller.
@@ -171,7 +177,8 @@ fn take_frame(buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         return Err(FrameError::TooLarge(len));
     }
     if buf.len() < 4 + len {
-        buf.reserve(4 + len - buf.len());
+        // In steps: twelve bytes announcing a gigabyte must not allocate one.
+        buf.reserve((4 + len - buf.len()).min(BUFFER));
         return Ok(None);
     }
     buf.advance(4);
@@ -280,6 +287,16 @@ struct Queued {
     closed: bool,
 }
 
+/// What became of a frame pushed to an [`Outbox`].
+#[derive(Debug, PartialEq, Eq)]
+enum Pushed {
+    Queued,
+    /// The connection is closed; nothing was sent.
+    Closed,
+    /// This many bytes wait already: the peer is not reading.
+    Full(usize),
+}
+
 impl Outbox {
     fn new() -> Arc<Outbox> {
         Arc::new(Outbox {
@@ -291,16 +308,19 @@ impl Outbox {
         })
     }
 
-    /// Queues a frame written by `put`; false (and nothing queued) once closed.
-    fn push(&self, put: impl FnOnce(&mut BytesMut)) -> bool {
+    /// Queues a frame written by `put`, unless the outbox is closed or full.
+    fn push(&self, put: impl FnOnce(&mut BytesMut)) -> Pushed {
         let mut q = self.queued.lock().unwrap();
         if q.closed {
-            return false;
+            return Pushed::Closed;
+        }
+        if q.bytes.len() >= MAX_QUEUED {
+            return Pushed::Full(q.bytes.len());
         }
         put(&mut q.bytes);
         drop(q);
         self.wake.notify_one();
-        true
+        Pushed::Queued
     }
 
     /// Refuses new frames; the writer sends what is queued, then ends the stream.
@@ -397,8 +417,17 @@ impl Links {
                 let (tx, rx) = oneshot::channel();
                 link.waiting.lock().unwrap().insert(id, tx);
                 let waiting = Waiting { link: &link, id };
-                if !link.outbox.push(|out| put_request(out, id, &req)) {
-                    continue;
+                match link.outbox.push(|out| put_request(out, id, &req)) {
+                    Pushed::Queued => {}
+                    Pushed::Closed => continue,
+                    Pushed::Full(queued) => {
+                        return Err(ClientError::Transport {
+                            addr: addr.to_string(),
+                            message: format!(
+                                "the node is not reading: {queued} bytes of requests wait to be sent"
+                            ),
+                        });
+                    }
                 }
                 let answer = rx.await;
                 drop(waiting);
@@ -634,8 +663,13 @@ async fn serve_link(stream: TcpStream, app: axum::Router, mut stop: watch::Recei
                     while let Some(Some(more)) = answering.next().now_or_never() {
                         put_answer(&mut ready, more);
                     }
-                    outbox.push(|out| out.extend_from_slice(&ready));
-                    ready.clear();
+                    match outbox.push(|out| out.extend_from_slice(&ready)) {
+                        Pushed::Queued => ready.clear(),
+                        Pushed::Closed => return Ok(()),
+                        Pushed::Full(n) => {
+                            return Err(format!("the caller is not reading its answers ({n} bytes wait)"));
+                        }
+                    }
                 }
                 n = rd.read_buf(&mut buf), if answering.len() < MAX_IN_FLIGHT => {
                     if n.map_err(|e| e.to_string())? == 0 {
@@ -763,6 +797,33 @@ mod tests {
         }
         let first_len = request_frame(1, &Method::GET, "/get?key=a", b"").len();
         assert_eq!(ids, vec![(first_len - 1, 1), (whole.len() - 1, 2)]);
+    }
+
+    #[test]
+    fn room_for_a_frame_grows_as_it_arrives() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(MAX_FRAME as u32);
+        buf.put_slice(b"12345678");
+        assert_eq!(take_frame(&mut buf), Ok(None));
+        assert!(
+            buf.capacity() <= 2 * BUFFER,
+            "{} bytes reserved",
+            buf.capacity()
+        );
+    }
+
+    #[test]
+    fn an_outbox_refuses_frames_beyond_its_limit() {
+        let outbox = Outbox::new();
+        let mib = vec![7u8; 1 << 20];
+        let mut queued = 0;
+        while outbox.push(|out| out.put_slice(&mib)) == Pushed::Queued {
+            queued += 1;
+        }
+        assert_eq!(queued, MAX_QUEUED >> 20);
+        assert_eq!(outbox.push(|_| {}), Pushed::Full(MAX_QUEUED));
+        outbox.close();
+        assert_eq!(outbox.push(|_| {}), Pushed::Closed);
     }
 
     #[test]
