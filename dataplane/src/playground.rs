@@ -136,8 +136,13 @@ struct Member {
     id: String,
     shard: u32,
     proc: Option<Proc>,
+    /// A start is under way in the background.
+    starting: bool,
     restarts: Restarts,
 }
+
+/// A replica's start, finished in the background, as the next round finds it.
+type Started = (String, Result<Proc, PlaygroundError>);
 
 /// When a supervised child may be started again: the wait grows with the failures in a
 /// row, which are forgotten once the child has stayed up a while.
@@ -357,6 +362,10 @@ struct Supervisor {
     admin: AdminClient,
     epoch0: Instant,
     info: Option<PlaygroundInfo>,
+    /// Restarts report here. They run in the background: a replica that takes seconds to
+    /// open its data must not hold up the rounds that renew every other leader's lease.
+    started_tx: tokio::sync::mpsc::UnboundedSender<Started>,
+    started_rx: tokio::sync::mpsc::UnboundedReceiver<Started>,
 }
 
 impl Supervisor {
@@ -386,21 +395,25 @@ impl Supervisor {
         args
     }
 
-    async fn start_member(&self, id: &str) -> Result<Proc, PlaygroundError> {
+    /// Starts replica `id`; the future borrows nothing, so it can run in the background.
+    fn start_member(
+        &self,
+        id: &str,
+    ) -> impl std::future::Future<Output = Result<Proc, PlaygroundError>> + Send + 'static {
         let log = self.cfg.data_dir.join("logs").join(format!("{id}.log"));
-        let (child, addrs) = spawn(
-            &self.cfg.exe,
-            &self.node_args(id),
-            &log,
-            &["listening"],
+        let (exe, args, threads) = (
+            self.cfg.exe.clone(),
+            self.node_args(id),
             self.cfg.child_threads(),
-        )
-        .await?;
-        Ok(Proc {
-            pid: child.id().unwrap_or(0),
-            child,
-            address: addrs[0].clone(),
-        })
+        );
+        async move {
+            let (child, addrs) = spawn(&exe, &args, &log, &["listening"], threads).await?;
+            Ok(Proc {
+                pid: child.id().unwrap_or(0),
+                child,
+                address: addrs[0].clone(),
+            })
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -452,12 +465,16 @@ impl Supervisor {
     /// One round: observe every replica, run the control core, apply what it decided.
     async fn round(&mut self) {
         self.supervise_router().await;
+        self.collect_started();
         let mut observations = Vec::with_capacity(self.members.len());
         let mut calls = Vec::new();
         for m in &mut self.members {
             let alive = match &mut m.proc {
                 Some(p) => match p.child.try_wait() {
-                    Ok(None) => true,
+                    Ok(None) => {
+                        m.restarts.running();
+                        true
+                    }
                     Ok(Some(status)) => {
                         tracing::warn!(replica = %m.id, %status, "replica exited");
                         println!("replica {} exited ({status}); restarting", m.id);
@@ -505,7 +522,7 @@ impl Supervisor {
                     request,
                 } => roles.push((replica, address, request)),
                 Action::PublishTopology(t) => self.publish(&t).await,
-                Action::Restart { replica } => self.restart(&replica).await,
+                Action::Restart { replica } => self.restart(&replica),
             }
         }
         let admin = &self.admin;
@@ -524,28 +541,42 @@ impl Supervisor {
         self.write_info();
     }
 
-    async fn restart(&mut self, replica: &str) {
+    /// Starts `replica` again in the background, unless it runs, is starting, or is
+    /// waiting out its backoff.
+    fn restart(&mut self, replica: &str) {
         let Some(i) = self.members.iter().position(|m| m.id == replica) else {
             return;
         };
-        if self.members[i].proc.is_some() || !self.members[i].restarts.due() {
+        let m = &self.members[i];
+        if m.proc.is_some() || m.starting || !m.restarts.due() {
             return;
         }
-        match self.start_member(replica).await {
-            Ok(p) => {
-                println!("replica {replica} restarted at {}", p.address);
-                let m = &mut self.members[i];
-                m.proc = Some(p);
-                m.restarts.started();
-            }
-            Err(e) => {
-                tracing::error!(%replica, error = %e, "restart failed");
-                self.members[i].restarts.failed();
-            }
-        }
-        for m in &mut self.members {
-            if m.proc.is_some() {
-                m.restarts.running();
+        let start = self.start_member(replica);
+        let (tx, id) = (self.started_tx.clone(), replica.to_string());
+        tokio::spawn(async move {
+            // Nobody to tell once the playground stops; the child dies with its handle.
+            let _ = tx.send((id, start.await));
+        });
+        self.members[i].starting = true;
+    }
+
+    /// Takes in the restarts that finished since the last round.
+    fn collect_started(&mut self) {
+        while let Ok((replica, started)) = self.started_rx.try_recv() {
+            let Some(m) = self.members.iter_mut().find(|m| m.id == replica) else {
+                continue;
+            };
+            m.starting = false;
+            match started {
+                Ok(p) => {
+                    println!("replica {replica} restarted at {}", p.address);
+                    m.proc = Some(p);
+                    m.restarts.started();
+                }
+                Err(e) => {
+                    tracing::error!(%replica, error = %e, "restart failed");
+                    m.restarts.failed();
+                }
             }
         }
     }
@@ -625,7 +656,8 @@ impl Supervisor {
             .filter_map(|m| m.proc.take())
             .collect();
         procs.extend(self.router.proc.take());
-        for p in &procs {
+        // A pid of 0 (a child reaped before its id was read) would signal our whole group.
+        for p in procs.iter().filter(|p| p.pid > 0) {
             // SAFETY: sending a signal to a child we started.
             unsafe { libc::kill(p.pid as i32, libc::SIGTERM) };
         }
@@ -704,8 +736,11 @@ pub async fn run(
         }
     }
     let (router, router_admin) = start_router(&cfg, &format!("127.0.0.1:{}", cfg.port)).await?;
+    let (started_tx, started_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut sup = Supervisor {
         members: Vec::new(),
+        started_tx,
+        started_rx,
         router: RouterChild {
             address: router.address.clone(),
             proc: Some(router),
@@ -736,6 +771,7 @@ pub async fn run(
             id,
             shard,
             proc: Some(p),
+            starting: false,
             restarts: Restarts::new(),
         });
     }
