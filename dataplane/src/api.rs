@@ -340,9 +340,20 @@ pub async fn read_body(
         let drained = len <= DRAIN_LIMIT && drain(body).await;
         return Err(too_large(Some(len), !drained));
     }
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| too_large(declared, true))
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let e = e.into_inner();
+        if e.is::<http_body_util::LengthLimitError>() {
+            too_large(declared, true)
+        } else {
+            // A broken chunked encoding, or a client that went away mid-body.
+            let mut e = ApiError::bad_request(
+                "invalid_body",
+                format!("the request body could not be read: {e}"),
+            );
+            e.close_connection = true;
+            e
+        }
+    })
 }
 
 /// Reads a body to its end without keeping it; false if it broke off.

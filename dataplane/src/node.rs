@@ -639,7 +639,7 @@ pub struct DemoQuery {
 /// Demo API `GET /get?key=K`: `{"key","value"}`, or 200 `{"status":"Key not found"}`.
 #[utoipa::path(get, path = "/get", tag = "demo", params(DemoQuery),
     responses((status = 200, description = "`{\"key\",\"value\"}` or `{\"status\":\"Key not found\"}`")))]
-pub async fn demo_get(State(node): NodeState, uri: Uri, _q: Query<DemoQuery>) -> Response {
+pub async fn demo_get(State(node): NodeState, uri: Uri) -> Response {
     let run = async {
         let key = api::demo_key(uri.query(), &node.cfg.limits)?;
         node.read(&key, api::wants_stale(uri.query()))

@@ -408,6 +408,24 @@ async fn bad_input_is_refused_and_changes_nothing() {
         "{huge}"
     );
     assert!(huge.contains("value_too_large"), "{huge}");
+    // A broken chunked encoding is bad input, not a body too large; nothing is stored.
+    let broken = raw_exchange(
+        &r,
+        "PUT /v1/kv/chunky HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nvalue\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(broken.starts_with("HTTP/1.1 400"), "{broken}");
+    assert!(broken.contains("invalid_body"), "{broken}");
+    assert_eq!(http.get(&r, "/v1/kv/chunky").await.status, 404);
+    // A repeated demo key gets the demo's answer, not the query parser's plain text.
+    let twice = http.get(&r, "/get?key=a&key=b").await;
+    assert_eq!(
+        twice.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&twice.body)
+    );
+    assert_eq!(json(&twice)["status"], "Key not found");
     // Node-side limits, straight at the node.
     let big = http
         .req(Method::PUT, &node, "/v1/kv/k", &[], vec![b'x'; 1001])
