@@ -413,6 +413,9 @@ impl Node {
             if !keep {
                 task.abort();
             }
+            if !peers.iter().any(|p| &p.id == id) {
+                leadership.forget(id);
+            }
             keep
         });
         for peer in peers {

@@ -434,17 +434,25 @@ impl Leadership {
         });
     }
 
-    /// Lists a follower before it first answers: acknowledged nothing, silent since this
-    /// leadership began (so the control plane can time it out like any other).
+    /// Lists a follower as its stream starts: acknowledged nothing until it answers (a
+    /// follower started again may hold less than it did), and silent since this
+    /// leadership began if it is new (so the control plane can time it out like any
+    /// other).
     fn register(&self, follower: &str) {
         self.progress
             .lock()
             .unwrap()
             .entry(follower.to_string())
+            .and_modify(|p| p.acked = 0)
             .or_insert(Progress {
                 acked: 0,
                 last_contact: self.started,
             });
+    }
+
+    /// Drops a follower that is no longer a peer of the shard.
+    pub fn forget(&self, follower: &str) {
+        self.progress.lock().unwrap().remove(follower);
     }
 
     fn record_ack(&self, follower: &str, acked: u64) {
@@ -880,6 +888,28 @@ mod tests {
         leadership.end();
         assert_eq!(waiting.await.unwrap(), Err(Uncommitted::Ended));
         assert_eq!(leadership.deposed(), Some(1));
+    }
+
+    /// A follower's stream started again (a new address: the process restarted) counts
+    /// nothing it acknowledged before; a follower no longer a peer is not reported.
+    #[tokio::test]
+    async fn a_restarted_follower_starts_from_nothing_and_a_removed_one_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Arc::new(())).unwrap();
+        let leadership = Leadership::new("me".into(), 1, AckMode::Sync, vec![], store);
+        let acked = |l: &Leadership| -> Vec<(String, u64)> {
+            l.follower_acks()
+                .into_iter()
+                .map(|a| (a.id, a.acked_seq))
+                .collect()
+        };
+        leadership.register("f");
+        leadership.record_ack("f", 5);
+        assert_eq!(acked(&leadership), vec![("f".to_string(), 5)]);
+        leadership.register("f");
+        assert_eq!(acked(&leadership), vec![("f".to_string(), 0)]);
+        leadership.forget("f");
+        assert_eq!(acked(&leadership), vec![]);
     }
 
     #[test]
