@@ -213,6 +213,9 @@ impl Router {
                 body: &body,
             };
             let result = self.nodes.send(&addr, request, timeout).await;
+            // The demo's `GET /delete` is a write too.
+            let read = (method == Method::GET || method == Method::HEAD)
+                && !path_and_query.starts_with("/delete");
             let retry = attempt == 0;
             match result {
                 Err(e) if retry && on_follower => {
@@ -228,15 +231,13 @@ impl Router {
                     self.reload_file();
                     hint = api::leader_in_error(&r.body).filter(|h| *h != addr);
                 }
-                Ok(r) => return Ok(into_response(r)),
+                Ok(r) => return Ok(into_response(r, &method)),
                 // Nothing was sent on a refused connection, so even a write may go again.
                 Err(ClientError::Connect { .. }) if retry => {
                     self.metrics.retries.inc();
                     self.reload_file();
                 }
                 Err(ClientError::Timeout(_)) => {
-                    // The demo's `GET /delete` is a write too.
-                    let read = method == Method::GET && !path_and_query.starts_with("/delete");
                     let outcome = if read {
                         ""
                     } else {
@@ -249,7 +250,16 @@ impl Router {
                     ));
                 }
                 Err(e) => {
-                    return Err(ApiError::unavailable("upstream_unavailable", e.to_string()));
+                    // Sent and then cut off (the replica died): it may have been applied.
+                    let outcome = if read || matches!(e, ClientError::Connect { .. }) {
+                        ""
+                    } else {
+                        "; the write's outcome is unknown"
+                    };
+                    return Err(ApiError::unavailable(
+                        "upstream_unavailable",
+                        format!("{e}{outcome}"),
+                    ));
                 }
             }
         }
@@ -282,13 +292,19 @@ fn moved(status: StatusCode) -> bool {
 }
 
 /// The node's answer, passed on.
-fn into_response(r: client::Response) -> Response {
+fn into_response(r: client::Response, method: &Method) -> Response {
     let mut resp = Response::new(Body::from(r.body));
     *resp.status_mut() = r.status;
     for h in FORWARD_RESPONSE {
         if let Some(v) = r.headers.get(&h) {
             resp.headers_mut().insert(h, v.clone());
         }
+    }
+    // A HEAD answer has no body to measure: the length is the one a GET would have.
+    if method == Method::HEAD
+        && let Some(v) = r.headers.get(header::CONTENT_LENGTH)
+    {
+        resp.headers_mut().insert(header::CONTENT_LENGTH, v.clone());
     }
     resp
 }

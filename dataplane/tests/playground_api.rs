@@ -46,6 +46,12 @@ async fn keys_through_the_router_survive_a_restart() {
     assert_eq!(over.status, 200);
     assert_ne!(etag(&over), etag(&before));
     assert_eq!(http.get(&r, "/v1/kv/key-1").await.body, "second");
+    // HEAD: the headers of a GET, its length included, and no body.
+    let head = http.req(Method::HEAD, &r, "/v1/kv/key-1", &[], "").await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.headers["content-length"], "6");
+    assert_eq!(etag(&head), etag(&over));
+    assert!(head.body.is_empty());
     // Conditional put: a stale ETag loses, the current one wins.
     let stale = etag(&before);
     let current = etag(&over);
