@@ -514,6 +514,7 @@ impl Supervisor {
         let changed = decision.state != self.state;
         self.state = decision.state;
         let mut roles = Vec::new();
+        let mut topology = None;
         for action in decision.actions {
             match action {
                 Action::SendRole {
@@ -521,7 +522,7 @@ impl Supervisor {
                     address,
                     request,
                 } => roles.push((replica, address, request)),
-                Action::PublishTopology(t) => self.publish(&t).await,
+                Action::PublishTopology(t) => topology = Some(t),
                 Action::Restart { replica } => self.restart(&replica),
             }
         }
@@ -534,6 +535,11 @@ impl Supervisor {
             if let Err(e) = r {
                 log_role_failure(replica, req.epoch, &e);
             }
+        }
+        // Only now that the new leaders know it: a router sent to a replica not yet told
+        // it leads would get not_leader.
+        if let Some(t) = topology {
+            self.publish(&t).await;
         }
         if changed {
             self.save();
