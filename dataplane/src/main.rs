@@ -181,12 +181,8 @@ fn main() -> Result<()> {
             Command::Router(a) => run_router(a).await,
             Command::Playground(a) => run_playground(a).await,
             Command::Inspect { data_dir } => {
-                let report = dataplane::storage::inspect(&data_dir).with_context(|| {
-                    format!(
-                        "cannot read {} (is its node still running?)",
-                        data_dir.display()
-                    )
-                })?;
+                let report = dataplane::storage::inspect(&data_dir)
+                    .with_context(|| format!("cannot read {}", data_dir.display()))?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
                 Ok(())
             }

@@ -1920,7 +1920,20 @@ pub struct TableSpace {
 pub fn inspect(dir: &Path) -> Result<SpaceReport, StoreError> {
     use redb::ReadableTableMetadata;
     let path = dir.join("distkv.redb");
-    let db = Database::open(&path)?;
+    if !path.exists() {
+        return Err(StoreError::Io(format!("no database at {}", path.display())));
+    }
+    // Read-only: a report must not change what it reports on (a writable open rewrites
+    // the allocator state when it closes).
+    let db = redb::ReadOnlyDatabase::open(&path).map_err(|e| match e {
+        redb::DatabaseError::RepairAborted => StoreError::Io(
+            "the replica did not shut down cleanly, and reading it needs a repair that \
+             writes to it: start the replica once (it repairs and replays its log), stop \
+             it, then inspect it"
+                .into(),
+        ),
+        e => StoreError::from(e),
+    })?;
     let txn = db.begin_read()?;
     let state = read_state(&txn.open_table(META)?)?;
     let kv = txn.open_table(KV)?;

@@ -1859,6 +1859,13 @@ async fn inspect_reports_a_stopped_replicas_space() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let file = dir.path().join("distkv.redb");
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(run(dir.path()).status.success());
+    assert!(
+        std::fs::read(&file).unwrap() == bytes,
+        "inspect changed the database"
+    );
     assert_eq!(report["state"]["keys"], keys.len() as u64);
     assert_eq!(report["state"]["last"]["seq"], state.last.seq);
     let kv = &report["tables"][0];
