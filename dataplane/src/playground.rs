@@ -258,7 +258,8 @@ async fn spawn(
 /// The child's own error report (`Error: …` and its causes) from the end of its log.
 fn last_error(log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(log).ok()?;
-    let start = text.rfind("Error: ")?;
+    // `Error: ` from our own report, `error: ` from the argument parser's.
+    let start = text.rfind("Error: ").max(text.rfind("error: "))?;
     let report: Vec<&str> = text[start..]
         .lines()
         .map(str::trim)
@@ -268,7 +269,10 @@ fn last_error(log: &Path) -> Option<String> {
         .collect();
     Some(format!(
         "{}; ",
-        report.join(": ").trim_start_matches("Error: ")
+        report
+            .join(": ")
+            .trim_start_matches("Error: ")
+            .trim_start_matches("error: ")
     ))
 }
 

@@ -570,6 +570,16 @@ async fn playground_refuses_bad_starts_clearly() {
         &dir,
     ]);
     assert!(err.contains("minInSync"), "{err}");
+    // A node flag the node does not know: the node's own reason, not only its log's path.
+    let bogus = tmp.path().join("bogus");
+    let err = refused_start(&[
+        "--port",
+        "0",
+        "--data-dir",
+        bogus.to_str().unwrap(),
+        "--node-arg=--bogus",
+    ]);
+    assert!(err.contains("unexpected argument '--bogus'"), "{err}");
     drop(tmp2);
 }
 

@@ -88,6 +88,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // Colour only at a terminal: in a cluster, logs go to files and collectors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let metrics = Metrics::new();
     let server = tokio::spawn(metrics::serve(args.metrics_listen, metrics.clone()));
