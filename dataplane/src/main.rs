@@ -43,11 +43,11 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct LimitArgs {
-    /// Longest key accepted, in bytes.
-    #[arg(long, default_value_t = 1024)]
+    /// Longest key accepted, in bytes (1 to 32768: a key travels in the URL).
+    #[arg(long, default_value_t = 1024, value_parser = |s: &str| byte_limit(s, 32 << 10))]
     max_key_bytes: usize,
     /// Largest value accepted, in bytes.
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = 1 << 20, value_parser = |s: &str| byte_limit(s, usize::MAX))]
     max_value_bytes: usize,
 }
 
@@ -146,6 +146,15 @@ fn parse_mode(s: &str) -> Result<AckMode, String> {
         "sync" => Ok(AckMode::Sync),
         "async" => Ok(AckMode::Async),
         _ => Err(format!("mode must be sync or async, not {s}")),
+    }
+}
+
+/// A size limit from 1 to `max` bytes.
+fn byte_limit(s: &str, max: usize) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ if max == usize::MAX => Err(format!("{s} is not a number of bytes of at least 1")),
+        _ => Err(format!("{s} is not a number of bytes from 1 to {max}")),
     }
 }
 

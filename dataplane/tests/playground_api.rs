@@ -580,6 +580,11 @@ async fn playground_refuses_bad_starts_clearly() {
         "--node-arg=--bogus",
     ]);
     assert!(err.contains("unexpected argument '--bogus'"), "{err}");
+    let err = refused_start(&["--max-key-bytes", "0"]);
+    assert!(
+        err.contains("0 is not a number of bytes from 1 to 32768"),
+        "{err}"
+    );
     drop(tmp2);
 }
 
