@@ -42,7 +42,8 @@ struct RunArgs {
     /// Users started per second.
     #[arg(long, default_value_t = 4.0, value_parser = parse_rate)]
     hatch_rate: f64,
-    /// How long to run, e.g. 30s, 5m, 1h (a bare number is seconds).
+    /// How long to run once every user has started (starting them takes users / hatch
+    /// rate seconds first), e.g. 30s, 5m, 1h (a bare number is seconds).
     #[arg(long, default_value = "30s", value_parser = loadtest::duration::parse_secs)]
     duration: u64,
     /// Number of distinct keys [default: 10000, 1000 for large-values].
