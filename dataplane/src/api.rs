@@ -269,12 +269,15 @@ pub fn condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
     match (single(&header::IF_MATCH)?, single(&header::IF_NONE_MATCH)?) {
         (Some(_), Some(_)) => Err(bad("use either If-Match or If-None-Match, not both".into())),
         (Some("*"), None) => Ok(Condition::IfExists),
-        (Some(v), None) => strong_etag(v).map(Condition::IfMatch).ok_or_else(|| {
-            bad(format!(
+        (Some(v), None) => match strong_etag(v) {
+            Some(version) => Ok(Condition::IfMatch(version)),
+            // Well formed, but no version distkv issues looks like it: it matches none.
+            None if is_strong_tag(v) => Err(ApiError::precondition_failed()),
+            None => Err(bad(format!(
                 "If-Match must be one strong ETag such as \"1-42\", or *; got {}",
                 excerpt(v)
-            ))
-        }),
+            ))),
+        },
         (None, Some("*")) => Ok(Condition::IfAbsent),
         (None, Some(_)) => Err(bad("If-None-Match supports only * (create-only)".into())),
         (None, None) => Ok(Condition::None),
@@ -289,6 +292,18 @@ fn strong_etag(v: &str) -> Option<Position> {
     // (spaces, `W/`, more quotes, a `+`) is not an ETag distkv issued.
     let plain = inner.bytes().all(|b| b.is_ascii_digit() || b == b'-');
     plain.then(|| Position::parse_etag(inner)).flatten()
+}
+
+/// Whether `v` is one strong entity tag as HTTP defines it: quoted, no quotes or spaces
+/// inside (RFC 9110, section 8.8.3).
+fn is_strong_tag(v: &str) -> bool {
+    v.strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .is_some_and(|inner| {
+            inner
+                .bytes()
+                .all(|b| b == 0x21 || (0x23..=0x7e).contains(&b) || b >= 0x80)
+        })
 }
 
 /// The start of a client's text, for an error message that must stay short.
@@ -503,13 +518,22 @@ mod tests {
             condition(&h).unwrap(),
             Condition::IfMatch(Position::new(3, 17))
         );
+        // Well-formed ETags distkv never issued match no version.
+        for foreign in ["\"abc\"", "\"+3-17\"", "\"3-17-1\"", "\"\""] {
+            h.insert(header::IF_MATCH, HeaderValue::from_str(foreign).unwrap());
+            assert_eq!(
+                condition(&h).unwrap_err().code,
+                "precondition_failed",
+                "{foreign}"
+            );
+        }
         for bad in [
             "nonsense",
             "3-17",
             "\"3-17",
             "W/\"3-17\"",
             "\"\"3-17\"\"",
-            "\"+3-17\"",
+            "\"3 17\"",
         ] {
             h.insert(header::IF_MATCH, HeaderValue::from_str(bad).unwrap());
             assert_eq!(
