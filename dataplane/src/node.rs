@@ -38,8 +38,9 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// How the leader streams its log.
     pub stream: StreamConfig,
-    /// Log entries kept beyond what every in-sync follower holds, for followers that
-    /// restart; a follower further behind gets a snapshot.
+    /// The newest log entries kept however far every in-sync member has got (the log is
+    /// trimmed only below what they all hold), for followers that restart; a follower
+    /// further behind gets a snapshot.
     pub log_retain: u64,
     /// How long a sync write waits for the in-sync set before answering 503.
     pub replication_timeout: Duration,
@@ -805,7 +806,7 @@ async fn readyz(State(node): NodeState) -> Response {
 }
 
 /// Serves a node on `listener` (HTTP, and the routers' [`crate::link`]) until `shutdown`
-/// resolves; then the writer drains.
+/// resolves, answering what it has read first.
 pub async fn serve(
     node: Arc<Node>,
     listener: tokio::net::TcpListener,

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::api::Limits;
-use crate::client::{ClientError, HttpClient};
+use crate::client::{ClientError, HttpClient, Response};
 use crate::link::{LinkRequest, Links};
 use crate::storage::{AppendOutcome, LogEntry, Position, Store, StoreError};
 use crate::wire::{AckMode, FollowerAck, Peer};
@@ -494,7 +494,7 @@ pub async fn stream_to_follower(
     let mut changes = store.subscribe_staged();
     // Optimistic start: assume the follower is level; a mismatch walks back.
     let mut next = store.staged().last.seq + 1;
-    let mut backoff = Duration::from_millis(20);
+    let mut backoff = Backoff::default();
     loop {
         if leadership.deposed().is_some() {
             return;
@@ -505,12 +505,11 @@ pub async fn stream_to_follower(
                     Ok(at) => {
                         leadership.record_ack(&peer.id, at.seq);
                         next = at.seq + 1;
-                        backoff = Duration::from_millis(20);
+                        backoff = Backoff::default();
                     }
                     Err(e) => {
                         tracing::warn!(follower = %peer.id, error = %e, "snapshot transfer failed");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        backoff.wait().await;
                     }
                 }
                 continue;
@@ -526,7 +525,7 @@ pub async fn stream_to_follower(
             Ok(Sent::Matched { through }) => {
                 leadership.record_ack(&peer.id, through);
                 next = through + 1;
-                backoff = Duration::from_millis(20);
+                backoff = Backoff::default();
                 if store.staged().last.seq <= through {
                     // Level with the leader: wait for new entries rather than send an
                     // empty round (the commit point reaches the follower with the next
@@ -551,10 +550,25 @@ pub async fn stream_to_follower(
             }
             Err(e) => {
                 tracing::debug!(follower = %peer.id, error = %e, "replication request failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                backoff.wait().await;
             }
         }
+    }
+}
+
+/// The pause after a failed round: 20 ms, doubling up to 1 s while rounds keep failing.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(20))
+    }
+}
+
+impl Backoff {
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -628,18 +642,7 @@ async fn replicate_once(
     let resp = links
         .send(&peer.address, request, Duration::from_secs(5))
         .await?;
-    if resp.status == hyper::StatusCode::CONFLICT {
-        return Err(StreamError::Stale(
-            crate::api::epoch_in_error(&resp.body).unwrap_or(leadership.epoch + 1),
-        ));
-    }
-    if !resp.status.is_success() {
-        return Err(StreamError::Protocol(format!(
-            "status {}: {}",
-            resp.status,
-            String::from_utf8_lossy(&resp.body)
-        )));
-    }
+    check_answer(&resp, leadership.epoch)?;
     let outcome: ReplicateResponse =
         postcard::from_bytes(&resp.body).map_err(|e| StreamError::Protocol(e.to_string()))?;
     Ok(match outcome {
@@ -693,9 +696,15 @@ async fn send_snapshot(
     let (resp, at) = tokio::join!(sending, ending);
     let at = at?;
     let resp = resp?;
+    check_answer(&resp, leadership.epoch)?;
+    Ok(at)
+}
+
+/// A follower's refusal as an error: 409 means it knows an epoch newer than `epoch`.
+fn check_answer(resp: &Response, epoch: u64) -> Result<(), StreamError> {
     if resp.status == hyper::StatusCode::CONFLICT {
         return Err(StreamError::Stale(
-            crate::api::epoch_in_error(&resp.body).unwrap_or(leadership.epoch + 1),
+            crate::api::epoch_in_error(&resp.body).unwrap_or(epoch + 1),
         ));
     }
     if !resp.status.is_success() {
@@ -705,7 +714,7 @@ async fn send_snapshot(
             String::from_utf8_lossy(&resp.body)
         )));
     }
-    Ok(at)
+    Ok(())
 }
 
 #[cfg(test)]

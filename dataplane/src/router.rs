@@ -21,7 +21,8 @@ use crate::client::{self, AdminClient, ClientError};
 use crate::link::{LinkRequest, Links};
 use crate::metrics::{self, Metrics};
 use crate::slots::{Slot, slot_for};
-use crate::topology::{Role, ShardInfo, Topology, TopologyError};
+use crate::topology::{ReplicaInfo, Role, ShardInfo, Topology, TopologyError};
+use crate::wire::NodeStatus;
 
 /// Settings of a router.
 #[derive(Debug, Clone)]
@@ -429,57 +430,54 @@ pub struct ReplicaView {
     responses((status = 200, description = "Topology and replica states", body = ClusterView)))]
 pub async fn cluster(State(r): RouterState) -> axum::Json<ClusterView> {
     let topology = r.topology();
-    let mut shards = Vec::new();
-    for shard in &topology.shards {
-        let calls = shard
-            .replicas
-            .iter()
-            .map(|rep| r.admin.status(&rep.address));
-        let statuses = futures_util::future::join_all(calls).await;
-        let replicas = shard
-            .replicas
-            .iter()
-            .zip(statuses)
-            .map(|(rep, st)| match st {
-                Ok(s) => ReplicaView {
-                    id: rep.id.clone(),
-                    address: rep.address.clone(),
-                    role: s.role,
-                    epoch: s.epoch,
-                    last_epoch: s.last_epoch,
-                    applied_seq: s.last_seq,
-                    commit_seq: s.commit_seq,
-                    keys: s.keys,
-                    in_sync: rep.in_sync,
-                    reachable: true,
-                },
-                Err(_) => ReplicaView {
-                    id: rep.id.clone(),
-                    address: rep.address.clone(),
-                    role: rep.role,
-                    epoch: 0,
-                    last_epoch: 0,
-                    applied_seq: 0,
-                    commit_seq: 0,
-                    keys: 0,
-                    in_sync: rep.in_sync,
-                    reachable: false,
-                },
-            })
-            .collect();
-        shards.push(ShardView {
+    // Every replica at once: one that does not answer costs its timeout once, not once
+    // per shard in turn.
+    let calls = topology
+        .shards
+        .iter()
+        .flat_map(|shard| &shard.replicas)
+        .map(|rep| r.admin.status(&rep.address));
+    let mut statuses = futures_util::future::join_all(calls).await.into_iter();
+    let shards = topology
+        .shards
+        .iter()
+        .map(|shard| ShardView {
             id: shard.id,
             epoch: shard.epoch,
             leader: shard.leader.clone(),
             slot_ranges: shard.slot_ranges.clone(),
-            replicas,
-        });
-    }
+            replicas: shard
+                .replicas
+                .iter()
+                .zip(statuses.by_ref())
+                .map(|(rep, st)| ReplicaView::of(rep, st.ok()))
+                .collect(),
+        })
+        .collect();
     axum::Json(ClusterView {
         version: topology.version,
         slots: topology.slots,
         shards,
     })
+}
+
+impl ReplicaView {
+    /// A replica as the topology lists it and as it reported itself, if it answered.
+    fn of(rep: &ReplicaInfo, status: Option<NodeStatus>) -> ReplicaView {
+        let s = status.as_ref();
+        ReplicaView {
+            id: rep.id.clone(),
+            address: rep.address.clone(),
+            role: s.map_or(rep.role, |s| s.role),
+            epoch: s.map_or(0, |s| s.epoch),
+            last_epoch: s.map_or(0, |s| s.last_epoch),
+            applied_seq: s.map_or(0, |s| s.last_seq),
+            commit_seq: s.map_or(0, |s| s.commit_seq),
+            keys: s.map_or(0, |s| s.keys),
+            in_sync: rep.in_sync,
+            reachable: status.is_some(),
+        }
+    }
 }
 
 /// `GET /healthz`: the process is up.
