@@ -79,8 +79,25 @@ pub enum PlaygroundError {
     #[error("{0} did not start: {1}")]
     Start(String, String),
     /// The settings are invalid.
-    #[error("invalid settings: {0}")]
-    Spec(#[from] control::SpecError),
+    #[error("invalid settings: {}", in_flags(.0))]
+    Spec(control::SpecError),
+}
+
+/// A spec error in the words of the playground's flags (the spec's own name the
+/// KvCluster fields).
+fn in_flags(e: &control::SpecError) -> String {
+    use control::SpecError::*;
+    match e {
+        Shards(n) => format!(
+            "--shards must be between 1 and {}, got {n}",
+            crate::slots::SLOT_COUNT
+        ),
+        NoReplicas => "--replicas must be at least 1".into(),
+        MinInSync { min, replicas } => {
+            format!("--min-in-sync must be between 1 and --replicas ({replicas}), got {min}")
+        }
+        ZeroLease => "--lease-ms must be positive".into(),
+    }
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> PlaygroundError {
@@ -730,7 +747,7 @@ pub async fn run(
         // reports it in sync (eligible for promotion) only once it holds the whole log.
         catch_up_lag: 2000,
     };
-    spec.validate()?;
+    spec.validate().map_err(PlaygroundError::Spec)?;
     std::fs::create_dir_all(cfg.data_dir.join("logs")).map_err(io(format!(
         "cannot create data directory {}",
         cfg.data_dir.display()

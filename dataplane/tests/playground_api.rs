@@ -569,7 +569,10 @@ async fn playground_refuses_bad_starts_clearly() {
         "--data-dir",
         &dir,
     ]);
-    assert!(err.contains("minInSync"), "{err}");
+    assert!(
+        err.contains("--min-in-sync must be between 1 and --replicas (2), got 3"),
+        "{err}"
+    );
     // A node flag the node does not know: the node's own reason, not only its log's path.
     let bogus = tmp.path().join("bogus");
     let err = refused_start(&[
