@@ -345,10 +345,7 @@ pub async fn read_body(
         e.close_connection = close;
         e
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(headers);
     if let Some(len) = declared
         && len > limit as u64
     {
@@ -369,6 +366,14 @@ pub async fn read_body(
             e
         }
     })
+}
+
+/// The body's length as its `Content-Length` declares it.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// Reads a body to its end without keeping it; false if it broke off.
@@ -441,8 +446,16 @@ pub fn key_text(key: &[u8]) -> String {
 }
 
 /// `/v1/kv/` with nothing after it: the key is empty, whatever the method.
-pub async fn empty_key() -> ApiError {
-    ApiError::bad_request("empty_key", "the key must not be empty")
+pub async fn empty_key(headers: HeaderMap, body: Body) -> ApiError {
+    let mut e = ApiError::bad_request("empty_key", "the key must not be empty");
+    // A body of moderate size is read and dropped, as for a value too large, so the
+    // client reads this answer and keeps its connection.
+    let drained = match declared_length(&headers) {
+        Some(len) => len <= DRAIN_LIMIT && drain(body).await,
+        None => !headers.contains_key(header::TRANSFER_ENCODING),
+    };
+    e.close_connection = !drained;
+    e
 }
 
 /// The 404 JSON answer for unknown routes.

@@ -414,6 +414,20 @@ async fn bad_input_is_refused_and_changes_nothing() {
         "{huge}"
     );
     assert!(huge.contains("value_too_large"), "{huge}");
+    // An empty key's body is read too: the next request on the connection is answered.
+    let body = "x".repeat(100_000);
+    let both = raw_exchange(
+        &r,
+        &format!(
+            "PUT /v1/kv/ HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}\
+             GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(both.starts_with("HTTP/1.1 400"), "{both}");
+    assert!(both.contains("empty_key"), "{both}");
+    assert!(both.contains("HTTP/1.1 200"), "{both}");
     // A broken chunked encoding is bad input, not a body too large; nothing is stored.
     let broken = raw_exchange(
         &r,
