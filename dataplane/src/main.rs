@@ -96,6 +96,10 @@ struct RouterArgs {
     /// Topology file to load at start and reload when a leader moves.
     #[arg(long)]
     topology: Option<PathBuf>,
+    /// How long a replica may take to answer a forwarded request before the client gets
+    /// 504 (a write's outcome is then unknown).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout_ms: u64,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -266,7 +270,7 @@ async fn run_router(args: RouterArgs) -> Result<()> {
     let router = Router::new(RouterConfig {
         limits: args.limits.limits(),
         topology_file: args.topology,
-        ..RouterConfig::default()
+        timeout: Duration::from_millis(args.request_timeout_ms),
     });
     let public = bind(args.listen, "listening").await?;
     let admin = bind(args.admin_listen, "admin").await?;

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use dataplane::client::AdminClient;
 use dataplane::slots::SLOT_COUNT;
 use dataplane::topology::{ReplicaInfo, Role, ShardInfo, Topology};
+use dataplane::wire::{AckMode, RoleRequest};
 use hyper::Method;
 
 /// A playground whose data directory is a fresh `/tmp/pg-*`, removed after it stops.
@@ -235,13 +237,10 @@ async fn lowered_key_limit_reaches_the_router_and_the_nodes() {
     pg.stop();
 }
 
-/// A router whose topology names a leader that does not lead (a replica never given a
-/// role) asks again once, then answers 503 `leader_moved` with `Retry-After`: not the
-/// replica's own 421, which a client cannot act on.
-#[tokio::test]
-async fn a_shard_whose_leader_does_not_lead_answers_503_leader_moved() {
-    let tmp = tempfile::tempdir().unwrap();
-    let node = NodeProc::start("s0-r0", &tmp.path().join("r0"), &[]);
+/// A router alone, its topology one shard led by `node`, started with `extra` flags.
+/// Returns the process (killed when dropped), its address, and its stdout, which stays
+/// open while it runs.
+fn start_router(dir: &Path, node: &NodeProc, extra: &[&str]) -> (Killed, String, impl Sized) {
     let topology = Topology {
         version: 1,
         shards: vec![ShardInfo {
@@ -258,24 +257,18 @@ async fn a_shard_whose_leader_does_not_lead_answers_503_leader_moved() {
         }],
         ..Topology::default()
     };
-    let file = tmp.path().join("topology.json");
+    let file = dir.join("topology.json");
     std::fs::write(&file, serde_json::to_vec(&topology).unwrap()).unwrap();
     let mut router = Killed(
         std::process::Command::new(exe())
-            .args([
-                "router",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--topology")
+            .args(["router", "--listen", "127.0.0.1:0"])
+            .args(["--admin-listen", "127.0.0.1:0", "--topology"])
             .arg(&file)
+            .args(extra)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap(),
     );
-    // It prints its two addresses; the pipe stays open until it is killed.
     let mut out = std::io::BufReader::new(router.0.stdout.take().unwrap());
     let mut lines = [String::new(), String::new()];
     for line in &mut lines {
@@ -286,6 +279,17 @@ async fn a_shard_whose_leader_does_not_lead_answers_503_leader_moved() {
         .unwrap()
         .trim()
         .to_string();
+    (router, addr, out)
+}
+
+/// A router whose topology names a leader that does not lead (a replica never given a
+/// role) asks again once, then answers 503 `leader_moved` with `Retry-After`: not the
+/// replica's own 421, which a client cannot act on.
+#[tokio::test]
+async fn a_shard_whose_leader_does_not_lead_answers_503_leader_moved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = NodeProc::start("s0-r0", &tmp.path().join("r0"), &[]);
+    let (_router, addr, _out) = start_router(tmp.path(), &node, &[]);
     let http = Http::default();
     for r in [
         http.put(&addr, "k", "v").await,
@@ -297,6 +301,43 @@ async fn a_shard_whose_leader_does_not_lead_answers_503_leader_moved() {
         );
         assert!(r.headers.contains_key("retry-after"));
     }
+}
+
+/// A leader that stops answering (SIGSTOP) costs a request the router's
+/// `--request-timeout-ms`, then 504, which says a write's outcome is unknown.
+#[tokio::test]
+async fn a_silent_leader_is_a_504_after_the_routers_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = NodeProc::start("s0-r0", &tmp.path().join("r0"), &[]);
+    let lead = RoleRequest {
+        epoch: 1,
+        role: Role::Leader,
+        leader: None,
+        in_sync: vec![node.id.clone()],
+        lease_ms: 60_000,
+        peers: vec![],
+        slot_ranges: vec![],
+        mode: AckMode::Sync,
+        min_in_sync: 1,
+    };
+    let admin = AdminClient::new(Duration::from_secs(5));
+    admin.set_role(&node.addr, &lead).await.unwrap();
+    let (_router, addr, _out) = start_router(tmp.path(), &node, &["--request-timeout-ms", "300"]);
+    let http = Http::default();
+    assert_eq!(http.put(&addr, "k", "v").await.status, 201);
+    signal(node.pid(), libc::SIGSTOP);
+    let r = http.put(&addr, "k", "v2").await;
+    signal(node.pid(), libc::SIGCONT);
+    assert_eq!(
+        (r.status.as_u16(), error_code(&r)),
+        (504, "upstream_timeout".into())
+    );
+    assert!(
+        json(&r)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("outcome is unknown")
+    );
 }
 
 /// A child process killed when the test ends, passed or failed.
