@@ -535,8 +535,11 @@ type NodeState = State<Arc<Node>>;
     params(("key" = String, Path, description = "The key (percent-encoded; may contain /)"),
            ("consistency" = Option<String>, Query, description = "`stale` lets a follower answer")),
     responses((status = 200, description = "The value", content_type = "application/octet-stream"),
+              (status = 400, description = "Empty key", body = api::ErrorBody),
               (status = 404, description = "No such key", body = api::ErrorBody),
-              (status = 503, description = "No leader or lease expired", body = api::ErrorBody)))]
+              (status = 413, description = "Key too large", body = api::ErrorBody),
+              (status = 503, description = "No leader, lease expired, or the value is not yet confirmed", body = api::ErrorBody),
+              (status = 504, description = "The replica did not answer in time", body = api::ErrorBody)))]
 pub async fn v1_get(State(node): NodeState, uri: Uri) -> Result<Response, ApiError> {
     let key = api::key_from_path(uri.path(), &node.cfg.limits)?;
     match node.read(&key, api::wants_stale(uri.query())).await? {
@@ -556,7 +559,8 @@ pub async fn v1_get(State(node): NodeState, uri: Uri) -> Result<Response, ApiErr
               (status = 400, description = "Bad key or precondition", body = api::ErrorBody),
               (status = 412, description = "Precondition failed", body = api::ErrorBody),
               (status = 413, description = "Key or value too large", body = api::ErrorBody),
-              (status = 503, description = "Not enough in-sync replicas", body = api::ErrorBody)))]
+              (status = 503, description = "Not enough in-sync replicas, or the outcome is unknown", body = api::ErrorBody),
+              (status = 504, description = "The replica did not answer in time; the outcome is unknown", body = api::ErrorBody)))]
 pub async fn v1_put(
     State(node): NodeState,
     uri: Uri,
@@ -591,8 +595,12 @@ pub async fn v1_put(
     params(("key" = String, Path, description = "The key"),
            ("If-Match" = Option<String>, Header, description = "Delete only if the version matches")),
     responses((status = 204, description = "Deleted"),
+              (status = 400, description = "Bad key or precondition", body = api::ErrorBody),
               (status = 404, description = "No such key", body = api::ErrorBody),
-              (status = 412, description = "Precondition failed", body = api::ErrorBody)))]
+              (status = 412, description = "Precondition failed", body = api::ErrorBody),
+              (status = 413, description = "Key too large", body = api::ErrorBody),
+              (status = 503, description = "Not enough in-sync replicas, or the outcome is unknown", body = api::ErrorBody),
+              (status = 504, description = "The replica did not answer in time; the outcome is unknown", body = api::ErrorBody)))]
 pub async fn v1_delete(
     State(node): NodeState,
     uri: Uri,
@@ -614,7 +622,10 @@ pub async fn v1_delete(
 #[utoipa::path(post, path = "/put", tag = "demo",
     request_body = api::DemoPut,
     responses((status = 200, description = "`{\"status\":\"Successful\"}`"),
-              (status = 400, description = "Invalid JSON or missing fields")))]
+              (status = 400, description = "Invalid JSON or missing fields"),
+              (status = 413, description = "Body, key or value too large"),
+              (status = 503, description = "Not enough in-sync replicas, or the outcome is unknown"),
+              (status = 504, description = "The replica did not answer in time; the outcome is unknown")))]
 pub async fn demo_put(State(node): NodeState, headers: HeaderMap, body: Body) -> Response {
     let run = async {
         let body = api::read_body(&headers, body, node.cfg.limits.max_json_bytes(), "body").await?;
@@ -642,7 +653,11 @@ pub struct DemoQuery {
 
 /// Demo API `GET /get?key=K`: `{"key","value"}`, or 200 `{"status":"Key not found"}`.
 #[utoipa::path(get, path = "/get", tag = "demo", params(DemoQuery),
-    responses((status = 200, description = "`{\"key\",\"value\"}` or `{\"status\":\"Key not found\"}`")))]
+    responses((status = 200, description = "`{\"key\",\"value\"}` or `{\"status\":\"Key not found\"}`"),
+              (status = 400, description = "Missing or invalid key"),
+              (status = 413, description = "Key too large"),
+              (status = 503, description = "No leader, or the value is not yet confirmed"),
+              (status = 504, description = "The replica did not answer in time")))]
 pub async fn demo_get(State(node): NodeState, uri: Uri) -> Response {
     let run = async {
         let key = api::demo_key(uri.query(), &node.cfg.limits)?;
@@ -663,7 +678,11 @@ pub async fn demo_get(State(node): NodeState, uri: Uri) -> Response {
 
 /// Demo API `GET|DELETE /delete?key=K`.
 #[utoipa::path(method(get, delete), path = "/delete", tag = "demo", params(DemoQuery),
-    responses((status = 200, description = "`{\"status\":\"Delete successful\"}` or `{\"status\":\"Key not found\"}`")))]
+    responses((status = 200, description = "`{\"status\":\"Delete successful\"}` or `{\"status\":\"Key not found\"}`"),
+              (status = 400, description = "Missing or invalid key"),
+              (status = 413, description = "Key too large"),
+              (status = 503, description = "Not enough in-sync replicas, or the outcome is unknown"),
+              (status = 504, description = "The replica did not answer in time; the outcome is unknown")))]
 pub async fn demo_delete(State(node): NodeState, uri: Uri) -> Response {
     let run = async {
         let key = api::demo_key(uri.query(), &node.cfg.limits)?;

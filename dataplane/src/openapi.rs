@@ -8,7 +8,11 @@ use crate::{api, node, router};
 /// The OpenAPI document of the public API (served by routers and nodes alike).
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "distkv", description = "Sharded, replicated key-value store"),
+    info(
+        title = "distkv",
+        description = "Sharded, replicated key-value store",
+        license(name = "Apache-2.0", identifier = "Apache-2.0")
+    ),
     paths(
         node::v1_get,
         node::v1_put,

@@ -536,6 +536,21 @@ async fn operational_endpoints() {
     ] {
         assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
     }
+    // Every answer a client can get from the key routes is declared.
+    let kv = &doc["paths"]["/v1/kv/{key}"];
+    for (method, statuses) in [
+        ("get", &["200", "400", "404", "413", "503", "504"][..]),
+        ("put", &["200", "201", "400", "412", "413", "503", "504"]),
+        ("delete", &["204", "400", "404", "412", "413", "503", "504"]),
+    ] {
+        for status in statuses {
+            assert!(
+                kv[method]["responses"][status].is_object(),
+                "openapi lacks {status} for {method}"
+            );
+        }
+    }
+    assert_eq!(doc["info"]["license"]["name"], "Apache-2.0");
 }
 
 /// Runs `distkv playground ARGS` expecting it to refuse to start; returns its stderr.
