@@ -655,6 +655,7 @@ pub struct DemoQuery {
 #[utoipa::path(get, path = "/get", tag = "demo", params(DemoQuery),
     responses((status = 200, description = "`{\"key\",\"value\"}` or `{\"status\":\"Key not found\"}`"),
               (status = 400, description = "Missing or invalid key"),
+              (status = 406, description = "The value is not UTF-8 text"),
               (status = 413, description = "Key too large"),
               (status = 503, description = "No leader, or the value is not yet confirmed"),
               (status = 504, description = "The replica did not answer in time")))]
@@ -666,11 +667,22 @@ pub async fn demo_get(State(node): NodeState, uri: Uri) -> Response {
             .map(|v| (key, v))
     };
     match run.await {
-        Ok((key, Some((_, value)))) => axum::Json(serde_json::json!({
-            "key": String::from_utf8_lossy(&key),
-            "value": String::from_utf8_lossy(&value),
-        }))
-        .into_response(),
+        // The key is text: demo_key refuses any other.
+        Ok((key, Some((_, value)))) => match std::str::from_utf8(&value) {
+            Ok(value) => axum::Json(serde_json::json!({
+                "key": String::from_utf8_lossy(&key),
+                "value": value,
+            }))
+            .into_response(),
+            // A JSON string cannot carry it; a lossy one would hand back other bytes.
+            Err(_) => ApiError::new(
+                StatusCode::NOT_ACCEPTABLE,
+                "value_not_text",
+                "the value is not UTF-8 text, which this API's JSON cannot carry; read it \
+                 with GET /v1/kv/{key}",
+            )
+            .into_demo(),
+        },
         Ok((_, None)) => demo_not_found(),
         Err(e) => e.into_demo(),
     }

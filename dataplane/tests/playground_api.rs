@@ -177,6 +177,16 @@ async fn keys_through_the_router_survive_a_restart() {
     );
     // Demo and v1 share one keyspace.
     assert_eq!(http.get(&r, "/v1/kv/demo-5").await.body, "dv-5");
+    // A value that is not text is not handed to the demo API as other bytes.
+    assert_eq!(http.put(&r, "binary", vec![0xFFu8, 0, 7]).await.status, 201);
+    let binary = http.get(&r, "/get?key=binary").await;
+    assert_eq!(binary.status, 406);
+    assert!(
+        json(&binary)["status"]
+            .as_str()
+            .unwrap()
+            .contains("GET /v1/kv/")
+    );
 
     // Spread over shards: each leader holds 20%..47% of the v1 keys.
     let cluster = json(&http.get(&r, "/v1/cluster").await);
