@@ -27,6 +27,9 @@ pub enum ClientError {
     /// The URL could not be built from the address and path.
     #[error("invalid address or path: {0}")]
     Url(String),
+    /// The request body could not be encoded.
+    #[error("cannot encode the request: {0}")]
+    Encode(String),
     /// The connection was refused or could not be made: nothing was sent.
     #[error("cannot connect to {addr}: {message}")]
     Connect {
@@ -243,7 +246,7 @@ impl HttpClient {
         timeout: Duration,
     ) -> Result<T, ClientError> {
         let body = match value {
-            Some(v) => full(serde_json::to_vec(v).map_err(|e| ClientError::Url(e.to_string()))?),
+            Some(v) => full(serde_json::to_vec(v).map_err(|e| ClientError::Encode(e.to_string()))?),
             None => full(Bytes::new()),
         };
         let resp = self
@@ -346,7 +349,7 @@ impl AdminClient {
     /// `POST /internal/role` to the node at `addr`; answers with its status. The request
     /// carries its send time so the lease runs from then, however late it is read.
     pub async fn set_role(&self, addr: &str, req: &RoleRequest) -> Result<NodeStatus, ClientError> {
-        let body = serde_json::to_vec(req).map_err(|e| ClientError::Url(e.to_string()))?;
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Encode(e.to_string()))?;
         let issued = unix_ms().to_string();
         let resp = self
             .http
