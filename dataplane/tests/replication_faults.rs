@@ -180,6 +180,78 @@ async fn a_follower_catches_up_on_large_values() {
     assert_eq!((f.keys, f.snapshots_installed), (6, 0));
 }
 
+/// A snapshot is installed only up to what is committed. B needs a snapshot while the
+/// leader holds writes that in-sync A has not confirmed (A is down). Were B to install
+/// a copy holding them, they would sit below the base of its log, which is never cut: once
+/// A takes over without them, B would stay diverged for good. The leader holds back the
+/// stream's end until its position is committed, so B installs nothing, and then catches
+/// up from A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_waits_for_its_position_to_be_committed() {
+    let mut shard = Shard::start(3, AckMode::Sync, &["--log-retain", "100"]);
+    shard.assign(0, 1, &[0, 1, 2]).await;
+    let leader = shard.nodes[0].addr.clone();
+    write_all(&leader, "before", 100).await;
+    shard.nodes[2].kill9();
+    shard.assign(0, 1, &[0, 1]).await;
+    write_all(&leader, "during", 2000).await;
+    eventually(
+        "the leader to trim its log",
+        Duration::from_secs(10),
+        || async { (shard.status(0).await.log_start_seq > 500).then_some(()) },
+    )
+    .await;
+
+    // A goes down (a stopped process would still take the bytes into its socket), and
+    // the leader takes writes it cannot commit.
+    shard.nodes[1].kill9();
+    let http = Http::default();
+    let pending: Vec<_> = (0..20)
+        .map(|i| {
+            let (http, leader) = (http.clone(), leader.clone());
+            tokio::spawn(async move {
+                let r = http
+                    .try_req(Method::PUT, &leader, &format!("/v1/kv/pending-{i}"), "x")
+                    .await;
+                assert!(
+                    r.is_none_or(|r| !r.status.is_success()),
+                    "pending-{i} acknowledged without A"
+                );
+            })
+        })
+        .collect();
+    eventually(
+        "the pending writes to be in the leader's log",
+        Duration::from_secs(5),
+        || async { (shard.status(0).await.last_seq >= 2120).then_some(()) },
+    )
+    .await;
+
+    // B comes back behind the trimmed log and is sent a snapshot that includes them.
+    shard.nodes[2].restart();
+    shard.follow(2, 0, 1).await;
+    shard.assign(0, 1, &[0, 1]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let b = shard.status(2).await;
+    assert_eq!(
+        (b.snapshots_installed, b.last_seq),
+        (0, 0),
+        "B installed a snapshot past the commit point"
+    );
+
+    // The leader dies; A comes back and leads without the pending writes.
+    shard.nodes[0].kill9();
+    shard.nodes[1].restart();
+    for p in pending {
+        p.await.unwrap();
+    }
+    shard.assign(1, 2, &[1]).await;
+    let a = shard.nodes[1].addr.clone();
+    assert_eq!(http.get(&a, "/v1/kv/pending-0").await.status, 404);
+    let b = shard.converged(1, 2, Duration::from_secs(60)).await;
+    assert_eq!(b.keys, 2100);
+}
+
 /// When the leader has trimmed the entries a follower needs, the follower loads a
 /// snapshot instead, and ends equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -418,7 +490,20 @@ async fn an_unconfirmed_value_is_not_read() {
     shard.assign(0, 1, &[0, 1]).await;
     let http = Http::default();
     let leader = &shard.nodes[0].addr;
-    assert_eq!(http.put(leader, "k", "confirmed").await.status, 201);
+    // On a loaded machine the follower's first round may take longer than the 300 ms
+    // this test gives a write; the confirmed value only has to get there.
+    eventually(
+        "a confirmed first value",
+        Duration::from_secs(10),
+        || async {
+            http.put(leader, "k", "confirmed")
+                .await
+                .status
+                .is_success()
+                .then_some(())
+        },
+    )
+    .await;
     signal(shard.nodes[1].pid(), libc::SIGSTOP);
     let w = http.put(leader, "k", "unconfirmed").await;
     assert_eq!(
