@@ -93,6 +93,25 @@ async fn kill9_mid_batch_keeps_every_acknowledged_write() {
     );
 }
 
+/// Starts 20 writes `PREFIX-i` to `addr` without waiting for them; each task ends with
+/// the answer, or `None` if there was none.
+fn writes_in_flight(
+    http: &Http,
+    addr: &str,
+    prefix: &str,
+    value: &'static str,
+) -> Vec<tokio::task::JoinHandle<Option<dataplane::client::Response>>> {
+    (0..20)
+        .map(|i| {
+            let (http, addr, key) = (http.clone(), addr.to_string(), format!("{prefix}-{i}"));
+            tokio::spawn(async move {
+                http.try_req(Method::PUT, &addr, &format!("/v1/kv/{key}"), value)
+                    .await
+            })
+        })
+        .collect()
+}
+
 /// Replicate requests a node has answered, from its metrics.
 async fn replicate_rounds(http: &Http, addr: &str) -> u64 {
     let r = http.get(addr, "/metrics").await;
@@ -206,20 +225,7 @@ async fn a_snapshot_waits_for_its_position_to_be_committed() {
     // the leader takes writes it cannot commit.
     shard.nodes[1].kill9();
     let http = Http::default();
-    let pending: Vec<_> = (0..20)
-        .map(|i| {
-            let (http, leader) = (http.clone(), leader.clone());
-            tokio::spawn(async move {
-                let r = http
-                    .try_req(Method::PUT, &leader, &format!("/v1/kv/pending-{i}"), "x")
-                    .await;
-                assert!(
-                    r.is_none_or(|r| !r.status.is_success()),
-                    "pending-{i} acknowledged without A"
-                );
-            })
-        })
-        .collect();
+    let pending = writes_in_flight(&http, &leader, "pending", "x");
     eventually(
         "the pending writes to be in the leader's log",
         Duration::from_secs(5),
@@ -242,8 +248,12 @@ async fn a_snapshot_waits_for_its_position_to_be_committed() {
     // The leader dies; A comes back and leads without the pending writes.
     shard.nodes[0].kill9();
     shard.nodes[1].restart();
-    for p in pending {
-        p.await.unwrap();
+    for (i, p) in pending.into_iter().enumerate() {
+        let r = p.await.unwrap();
+        assert!(
+            r.is_none_or(|r| !r.status.is_success()),
+            "pending-{i} acknowledged without A"
+        );
     }
     shard.assign(1, 2, &[1]).await;
     let a = shard.nodes[1].addr.clone();
@@ -316,15 +326,7 @@ async fn stale_leader_is_fenced_then_truncates_and_converges() {
     // legitimately part of its log.)
     shard.nodes[1].kill9();
     let http = Http::default();
-    let pending: Vec<_> = (0..20)
-        .map(|i| {
-            let (http, old) = (http.clone(), old.clone());
-            tokio::spawn(async move {
-                http.try_req(Method::PUT, &old, &format!("/v1/kv/orphan-{i}"), "lost")
-                    .await
-            })
-        })
-        .collect();
+    let pending = writes_in_flight(&http, &old, "orphan", "lost");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let uncommitted = shard.status(0).await;
     assert_eq!(
