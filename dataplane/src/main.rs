@@ -1,6 +1,5 @@
 //! `distkv`: run a replica node, a router, or a whole local cluster (playground).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,7 +70,7 @@ struct NodeArgs {
     shard: Option<u32>,
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:7000")]
-    listen: SocketAddr,
+    listen: String,
     /// Data directory.
     #[arg(long)]
     data_dir: PathBuf,
@@ -89,10 +88,10 @@ struct NodeArgs {
 struct RouterArgs {
     /// Address of the public API (never serves /internal).
     #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
+    listen: String,
     /// Address for topology pushes from the control plane.
     #[arg(long, default_value = "127.0.0.1:8081")]
-    admin_listen: SocketAddr,
+    admin_listen: String,
     /// Topology file to load at start and reload when a leader moves.
     #[arg(long)]
     topology: Option<PathBuf>,
@@ -242,7 +241,8 @@ fn replica_id(args: &NodeArgs) -> Result<String> {
 }
 
 /// Binds, then announces the bound address on stdout (the playground reads it).
-async fn bind(addr: SocketAddr, label: &str) -> Result<TcpListener> {
+/// Listens on `addr`, `host:port` with a name (`localhost:0`) or an address.
+async fn bind(addr: &str, label: &str) -> Result<TcpListener> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -258,7 +258,7 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     cfg.replication_timeout = Duration::from_millis(args.replication_timeout_ms);
     let node = Node::open(cfg)
         .with_context(|| format!("cannot open data directory {}", args.data_dir.display()))?;
-    let listener = bind(args.listen, "listening").await?;
+    let listener = bind(&args.listen, "listening").await?;
     dataplane::node::serve(node.clone(), listener, shutdown_signal()).await?;
     // A clean stop leaves nothing in the write-ahead log to replay.
     node.store().checkpoint().await?;
@@ -272,8 +272,8 @@ async fn run_router(args: RouterArgs) -> Result<()> {
         topology_file: args.topology,
         timeout: Duration::from_millis(args.request_timeout_ms),
     });
-    let public = bind(args.listen, "listening").await?;
-    let admin = bind(args.admin_listen, "admin").await?;
+    let public = bind(&args.listen, "listening").await?;
+    let admin = bind(&args.admin_listen, "admin").await?;
     let admin_app = router.admin_app();
     tokio::spawn(async move {
         if let Err(e) = axum::serve(admin, admin_app).await {

@@ -340,6 +340,30 @@ async fn a_silent_leader_is_a_504_after_the_routers_timeout() {
     );
 }
 
+/// A listen address may name its host (`localhost:0`), not only give its IP.
+#[tokio::test]
+async fn a_listen_address_may_be_a_host_name() {
+    let mut router = Killed(
+        std::process::Command::new(exe())
+            .args([
+                "router",
+                "--listen",
+                "localhost:0",
+                "--admin-listen",
+                "localhost:0",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = std::io::BufReader::new(router.0.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let addr = line.strip_prefix("listening ").unwrap().trim().to_string();
+    let health = Http::default().get(&addr, "/healthz").await;
+    assert_eq!(health.status, 200);
+}
+
 /// A child process killed when the test ends, passed or failed.
 struct Killed(std::process::Child);
 
