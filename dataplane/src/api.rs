@@ -493,6 +493,28 @@ pub fn etag_header(version: Position) -> HeaderValue {
     HeaderValue::from_str(&version.etag()).expect("etag is ascii")
 }
 
+/// Whether a read's `If-None-Match` names `version` (or is `*`): the client's copy is
+/// current. Weak tags compare equal to strong ones here, as HTTP says for this header.
+pub fn not_modified(headers: &HeaderMap, version: Position) -> bool {
+    let current = version.etag();
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|tag| tag.trim())
+        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == current)
+}
+
+/// 304: the client's copy is current; its version, no body.
+pub fn not_modified_response(version: Position) -> Response {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::NOT_MODIFIED;
+    resp.headers_mut()
+        .insert(header::ETAG, etag_header(version));
+    resp
+}
+
 /// Answer to a v1 PUT.
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PutResult {
@@ -520,6 +542,23 @@ mod tests {
         let long = format!("/v1/kv/{}", "k".repeat(1025));
         let e = key_from_path(&long, &l).unwrap_err();
         assert_eq!((e.status.as_u16(), e.code), (413, "key_too_large"));
+    }
+
+    #[test]
+    fn a_read_is_not_modified_when_it_names_the_current_version() {
+        let v = Position::new(3, 17);
+        let with = |value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::IF_NONE_MATCH, HeaderValue::from_static(value));
+            not_modified(&h, v)
+        };
+        assert!(!not_modified(&HeaderMap::new(), v));
+        assert!(with("\"3-17\""));
+        assert!(with("W/\"3-17\""));
+        assert!(with("\"1-1\", \"3-17\""));
+        assert!(with("*"));
+        assert!(!with("\"3-16\""));
+        assert!(!with("3-17"));
     }
 
     #[test]

@@ -533,16 +533,25 @@ type NodeState = State<Arc<Node>>;
 /// `GET /v1/kv/{key}`: the raw value with its version as `ETag`.
 #[utoipa::path(get, path = "/v1/kv/{key}", tag = "kv",
     params(("key" = String, Path, description = "The key (percent-encoded; may contain /)"),
-           ("consistency" = Option<String>, Query, description = "`stale` lets a follower answer")),
+           ("consistency" = Option<String>, Query, description = "`stale` lets a follower answer"),
+           ("If-None-Match" = Option<String>, Header, description = "ETags the client holds: 304 if one is current")),
     responses((status = 200, description = "The value", content_type = "application/octet-stream"),
+              (status = 304, description = "The client's copy is current"),
               (status = 400, description = "Empty key", body = api::ErrorBody),
               (status = 404, description = "No such key", body = api::ErrorBody),
               (status = 413, description = "Key too large", body = api::ErrorBody),
               (status = 503, description = "No leader, lease expired, or the value is not yet confirmed", body = api::ErrorBody),
               (status = 504, description = "The replica did not answer in time", body = api::ErrorBody)))]
-pub async fn v1_get(State(node): NodeState, uri: Uri) -> Result<Response, ApiError> {
+pub async fn v1_get(
+    State(node): NodeState,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let key = api::key_from_path(uri.path(), &node.cfg.limits)?;
     match node.read(&key, api::wants_stale(uri.query())).await? {
+        Some((version, _)) if api::not_modified(&headers, version) => {
+            Ok(api::not_modified_response(version))
+        }
         Some((version, value)) => Ok(api::value_response(version, value)),
         None => Err(ApiError::key_not_found()),
     }

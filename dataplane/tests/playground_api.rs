@@ -52,6 +52,32 @@ async fn keys_through_the_router_survive_a_restart() {
     assert_eq!(head.headers["content-length"], "6");
     assert_eq!(etag(&head), etag(&over));
     assert!(head.body.is_empty());
+    // A read naming the current version is 304 without the value; an older one gets it.
+    let cached = http
+        .req(
+            Method::GET,
+            &r,
+            "/v1/kv/key-1",
+            &[("if-none-match", &etag(&over))],
+            "",
+        )
+        .await;
+    assert_eq!(cached.status, 304);
+    assert_eq!(etag(&cached), etag(&over));
+    assert!(cached.body.is_empty());
+    let outdated = http
+        .req(
+            Method::GET,
+            &r,
+            "/v1/kv/key-1",
+            &[("if-none-match", &etag(&before))],
+            "",
+        )
+        .await;
+    assert_eq!(
+        (outdated.status.as_u16(), &outdated.body[..]),
+        (200, &b"second"[..])
+    );
     // Conditional put: a stale ETag loses, the current one wins.
     let stale = etag(&before);
     let current = etag(&over);
