@@ -100,7 +100,9 @@ impl Router {
             next_replica: AtomicUsize::new(0),
             cfg,
         });
-        router.reload_file();
+        if let Some(path) = &router.cfg.topology_file {
+            router.install_file(path, std::fs::read(path));
+        }
         router
     }
 
@@ -127,11 +129,16 @@ impl Router {
         self.routing.read().unwrap().clone()
     }
 
-    fn reload_file(&self) {
-        let Some(path) = &self.cfg.topology_file else {
-            return;
-        };
-        let Ok(text) = std::fs::read(path) else {
+    /// Reloads the topology file, if there is one (a leader moved).
+    async fn reload_file(&self) {
+        if let Some(path) = &self.cfg.topology_file {
+            self.install_file(path, tokio::fs::read(path).await);
+        }
+    }
+
+    /// Installs the topology read from the file at `path`, if it reads and is newer.
+    fn install_file(&self, path: &std::path::Path, read: std::io::Result<Vec<u8>>) {
+        let Ok(text) = read else {
             return;
         };
         match serde_json::from_slice::<Topology>(&text) {
@@ -229,14 +236,14 @@ impl Router {
                 Ok(r) if moved(r.status) && !retry => break,
                 Ok(r) if moved(r.status) => {
                     self.metrics.retries.inc();
-                    self.reload_file();
+                    self.reload_file().await;
                     hint = api::leader_in_error(&r.body).filter(|h| *h != addr);
                 }
                 Ok(r) => return Ok(into_response(r, &method)),
                 // Nothing was sent on a refused connection, so even a write may go again.
                 Err(ClientError::Connect { .. }) if retry => {
                     self.metrics.retries.inc();
-                    self.reload_file();
+                    self.reload_file().await;
                 }
                 Err(ClientError::Timeout(_)) => {
                     let outcome = if read {
