@@ -542,14 +542,12 @@ type NodeState = State<Arc<Node>>;
               (status = 413, description = "Key too large", body = api::ErrorBody),
               (status = 503, description = "No leader, lease expired, or the value is not yet confirmed", body = api::ErrorBody),
               (status = 504, description = "The replica did not answer in time", body = api::ErrorBody)))]
-pub async fn v1_get(
-    State(node): NodeState,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
+pub async fn v1_get(State(node): NodeState, req: Request) -> Result<Response, ApiError> {
+    // Taken whole: extractors would copy the URI and the headers of every read.
+    let (uri, headers) = (req.uri(), req.headers());
     let key = api::key_from_path(uri.path(), &node.cfg.limits)?;
     match node.read(&key, api::wants_stale(uri.query())).await? {
-        Some((version, _)) if api::not_modified(&headers, version) => {
+        Some((version, _)) if api::not_modified(headers, version) => {
             Ok(api::not_modified_response(version))
         }
         Some((version, value)) => Ok(api::value_response(version, value)),

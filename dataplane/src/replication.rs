@@ -351,11 +351,6 @@ impl Leadership {
         *self.commit.borrow()
     }
 
-    /// Watch of the commit seq.
-    pub fn commit_watch(&self) -> watch::Receiver<u64> {
-        self.commit.subscribe()
-    }
-
     /// Waits until `seq` is committed, for at most `limit`; gives up as soon as this
     /// leadership is over, since its commit point will not move again.
     pub async fn wait_committed(&self, seq: u64, limit: Duration) -> Result<(), Uncommitted> {

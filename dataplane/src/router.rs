@@ -195,6 +195,15 @@ impl Router {
         stale: bool,
     ) -> Result<Response, ApiError> {
         let slot = slot_for(key);
+        // What a failure says of a request that reached the replica: a write (the demo's
+        // `GET /delete` is one too) may have been applied.
+        let read = (method == Method::GET || method == Method::HEAD)
+            && !path_and_query.starts_with("/delete");
+        let unknown = if read {
+            ""
+        } else {
+            "; the write's outcome is unknown"
+        };
         let mut hint: Option<String> = None;
         for attempt in 0..2 {
             let routing = self.routing();
@@ -221,9 +230,6 @@ impl Router {
                 body: &body,
             };
             let result = self.nodes.send(&addr, request, timeout).await;
-            // The demo's `GET /delete` is a write too.
-            let read = (method == Method::GET || method == Method::HEAD)
-                && !path_and_query.starts_with("/delete");
             let retry = attempt == 0;
             match result {
                 Err(e) if retry && on_follower => {
@@ -246,24 +252,16 @@ impl Router {
                     self.reload_file().await;
                 }
                 Err(ClientError::Timeout(_)) => {
-                    let outcome = if read {
-                        ""
-                    } else {
-                        "; the write's outcome is unknown"
-                    };
                     return Err(ApiError::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         "upstream_timeout",
-                        format!("replica {addr} did not answer in time{outcome}"),
+                        format!("replica {addr} did not answer in time{unknown}"),
                     ));
                 }
                 Err(e) => {
-                    // Sent and then cut off (the replica died): it may have been applied.
-                    let outcome = if read || matches!(e, ClientError::Connect { .. }) {
-                        ""
-                    } else {
-                        "; the write's outcome is unknown"
-                    };
+                    // Cut off after it was sent (the replica died), unless it never connected.
+                    let sent = !matches!(e, ClientError::Connect { .. });
+                    let outcome = if sent { unknown } else { "" };
                     return Err(ApiError::unavailable(
                         "upstream_unavailable",
                         format!("{e}{outcome}"),

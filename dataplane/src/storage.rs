@@ -1510,6 +1510,7 @@ impl Writer {
                             layer.state.base = at;
                             replies.push(Reply::State(reply));
                         }
+                        // Refused before anything changed: no need to wait for the sync.
                         Err(e) => drop(reply.send(Err(e))),
                     }
                 }

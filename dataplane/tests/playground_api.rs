@@ -53,27 +53,24 @@ async fn keys_through_the_router_survive_a_restart() {
     assert_eq!(etag(&head), etag(&over));
     assert!(head.body.is_empty());
     // A read naming the current version is 304 without the value; an older one gets it.
-    let cached = http
-        .req(
-            Method::GET,
-            &r,
-            "/v1/kv/key-1",
-            &[("if-none-match", &etag(&over))],
-            "",
-        )
-        .await;
+    let holding = |tag: String| {
+        let (http, r) = (http.clone(), r.clone());
+        async move {
+            http.req(
+                Method::GET,
+                &r,
+                "/v1/kv/key-1",
+                &[("if-none-match", &tag)],
+                "",
+            )
+            .await
+        }
+    };
+    let cached = holding(etag(&over)).await;
     assert_eq!(cached.status, 304);
     assert_eq!(etag(&cached), etag(&over));
     assert!(cached.body.is_empty());
-    let outdated = http
-        .req(
-            Method::GET,
-            &r,
-            "/v1/kv/key-1",
-            &[("if-none-match", &etag(&before))],
-            "",
-        )
-        .await;
+    let outdated = holding(etag(&before)).await;
     assert_eq!(
         (outdated.status.as_u16(), &outdated.body[..]),
         (200, &b"second"[..])
