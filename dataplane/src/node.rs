@@ -444,13 +444,16 @@ impl Node {
             leader_last,
             entries,
         } = req;
-        for (i, e) in entries.iter().enumerate() {
-            if e.seq != prev.seq + 1 + i as u64 {
-                return Err(ApiError::bad_request(
-                    "invalid_batch",
-                    "entries are not contiguous after prev",
-                ));
-            }
+        // Refused before the epoch is looked at: a malformed batch changes nothing.
+        if let Some((place, bad)) = replication::out_of_place(prev, epoch, &entries) {
+            return Err(ApiError::bad_request(
+                "invalid_batch",
+                format!(
+                    "entry {}-{} is not entry {place} of epoch {epoch} or below, \
+                     the next after {}",
+                    bad.epoch, bad.seq, prev.seq
+                ),
+            ));
         }
         self.observe_epoch(epoch);
         let sent = entries.len() as u64;

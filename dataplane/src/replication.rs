@@ -197,6 +197,15 @@ pub struct ReplicateRequest {
 /// `POST /internal/replicate` answer (postcard).
 pub type ReplicateResponse = AppendOutcome;
 
+/// The first entry of a batch that is not the next one after `prev`, or that claims an
+/// epoch above the `epoch` of the leader sending it, with the seq it should have had.
+/// Such a batch is malformed: applying part of it would leave the log half changed.
+pub fn out_of_place(prev: Position, epoch: u64, entries: &[LogEntry]) -> Option<(u64, &LogEntry)> {
+    (prev.seq + 1..)
+        .zip(entries)
+        .find(|(seq, e)| e.seq != *seq || e.epoch > epoch)
+}
+
 /// Settings of the leader's streaming.
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
@@ -772,6 +781,32 @@ mod tests {
 
     fn mismatch(conflict: Option<Position>) -> Result<AppendPlan, ()> {
         Ok(AppendPlan::Mismatch { conflict })
+    }
+
+    fn put(epoch: u64, seq: u64) -> LogEntry {
+        LogEntry {
+            epoch,
+            seq,
+            slot: 0,
+            key: Bytes::from_static(b"k"),
+            op: crate::storage::Op::Put(Bytes::from_static(b"v")),
+        }
+    }
+
+    #[test]
+    fn a_batch_must_follow_prev_one_by_one_within_its_epoch() {
+        let prev = p(1, 4);
+        let place = |batch: &[LogEntry]| out_of_place(prev, 2, batch).map(|(at, e)| (at, e.seq));
+        assert_eq!(place(&[]), None);
+        assert_eq!(place(&[put(1, 5), put(2, 6), put(2, 7)]), None);
+        assert_eq!(place(&[put(2, 6)]), Some((5, 6)), "a gap after prev");
+        assert_eq!(place(&[put(2, 5), put(2, 5)]), Some((6, 5)), "a repeat");
+        assert_eq!(place(&[put(2, 5), put(2, 7)]), Some((6, 7)), "a hole");
+        assert_eq!(
+            place(&[put(2, 5), put(3, 6)]),
+            Some((6, 6)),
+            "an epoch above the sender's"
+        );
     }
 
     #[test]

@@ -1774,14 +1774,11 @@ impl Tx<'_> {
         self.raise_epoch(epoch)?;
         // Checked before the log changes: an entry refused halfway would leave the
         // batch half applied.
-        if let Some(bad) = (prev.seq + 1..)
-            .zip(&entries)
-            .find(|(seq, e)| e.seq != *seq || e.epoch > epoch)
-        {
+        if let Some((place, bad)) = crate::replication::out_of_place(prev, epoch, &entries) {
             return Err(StoreError::Io(format!(
                 "refusing entries that do not follow {} one by one within epoch {epoch}: \
-                 entry {}-{} at place {}",
-                prev.seq, bad.1.epoch, bad.1.seq, bad.0
+                 entry {}-{} at place {place}",
+                prev.seq, bad.epoch, bad.seq
             )));
         }
         let positions: Vec<Position> = entries.iter().map(LogEntry::position).collect();

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
+use dataplane::replication::ReplicateRequest;
+use dataplane::storage::{LogEntry, Op, Position};
 use dataplane::wire::AckMode;
 use hyper::Method;
 
@@ -36,6 +38,62 @@ async fn write_all(addr: &str, prefix: &str, count: usize) {
     for t in tasks {
         t.await.unwrap();
     }
+}
+
+/// A batch whose entries do not follow `prev` one by one, or claim a later epoch than their
+/// sender's, is refused whole with 400 `invalid_batch`. The follower keeps its log and its
+/// epoch, though the batch names a higher one: a malformed request changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_batch_is_refused_and_changes_nothing() {
+    let shard = Shard::start(2, AckMode::Sync, &[]);
+    shard.assign(0, 1, &[0, 1]).await;
+    write_all(&shard.nodes[0].addr, "k", 20).await;
+    let before = shard.converged(0, 1, Duration::from_secs(20)).await;
+    let prev = Position::new(before.last_epoch, before.last_seq);
+    let next = before.last_seq + 1;
+    let entry = |epoch, seq| LogEntry {
+        epoch,
+        seq,
+        slot: 0,
+        key: Bytes::from_static(b"x"),
+        op: Op::Put(Bytes::from_static(b"y")),
+    };
+    let http = Http::default();
+    for (what, entries) in [
+        ("a gap", vec![entry(5, next + 1)]),
+        ("a repeat", vec![entry(5, next), entry(5, next)]),
+        ("an epoch above the sender's", vec![entry(6, next)]),
+    ] {
+        let batch = ReplicateRequest {
+            epoch: 5,
+            prev,
+            commit: 0,
+            leader_last: next + 1,
+            entries,
+        };
+        let body = postcard::to_stdvec(&batch).unwrap();
+        let r = http
+            .req(
+                Method::POST,
+                &shard.nodes[1].addr,
+                "/internal/replicate",
+                &[],
+                body,
+            )
+            .await;
+        assert_eq!(
+            r.status,
+            400,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(error_code(&r), "invalid_batch", "{what}");
+    }
+    let after = shard.verified(1).await;
+    assert_eq!(
+        (after.epoch, after.last_seq, &after.digest, after.role),
+        (before.epoch, before.last_seq, &before.digest, before.role)
+    );
 }
 
 /// kill -9 of a node in the middle of a write batch: after a restart the store opens and
