@@ -210,6 +210,9 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
     }
 
     let mut api_error: Option<Error> = None;
+    // What the status records, before this round changes anything: the fallback for
+    // shards whose change cannot be recorded (see `hold_back`).
+    let mut recorded = state.clone();
 
     // Build and apply (valid spec only).
     let mut sizes: Vec<u32> = Vec::new();
@@ -249,8 +252,9 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
     let nodes = observe::node_pods(&name, &namespace, &pods);
     let statuses = fetch_statuses(ctx.observer.as_ref(), &nodes).await;
 
-    // Decide and act.
+    // Decide.
     let mut events = Vec::new();
+    let mut actions = Vec::new();
     if let Some(mut current) = state.take() {
         let observations = observe::observations(&nodes, &statuses);
         // Read the clock only now, right before the roles go out: the control core counts
@@ -260,28 +264,20 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
         if restored {
             // Loaded from the status (new process or new leader): rebase onto our clock.
             current.resume(now_ms);
+            if let Some(recorded) = &mut recorded {
+                recorded.resume(now_ms);
+            }
         }
         let decision = control::decide(&cspec, &current, &observations, now_ms);
         events = decision.events;
-        execute(&ctx, &namespace, &nodes, &decision.actions).await;
+        actions = decision.actions;
         state = Some(decision.state);
     }
-    if let Some(state) = &state {
-        // Every round, so a router that started since the last change catches up within
-        // one interval; routers ignore a version they already have.
-        push_topology(
-            &ctx,
-            &state.topology,
-            &observe::router_admin_addresses(&pods),
-        )
-        .await;
-    }
-    ctx.memory(&key, |m| m.state = state.clone());
 
-    // Events for every role change, then the status.
-    for event in &events {
-        publish_event(&ctx, &kvc, event).await;
-    }
+    // Record the status, control state included, before acting on it: a new operator
+    // (restart, or another replica winning the Lease) promotes from the recorded in-sync
+    // set and grants epochs above the recorded ones, so a leader must never be told a
+    // smaller set, nor a replica a new leadership, that the record does not hold yet.
     let input = StatusInput {
         kvc: &kvc,
         invalid: invalid.as_ref(),
@@ -296,20 +292,52 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
         &input,
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
     );
-    let serving = new_status
+    let mut shards_serving = new_status
         .shards
         .iter()
         .filter(|s| s.leader.is_some())
         .count();
-    ctx.metrics
-        .shards_serving
-        .with_label_values(&[namespace.as_str(), name.as_str()])
-        .set(serving as i64);
     if kvc.status.as_ref() != Some(&new_status)
         && let Err(e) = patch_status(&ctx, &namespace, &name, &new_status).await
     {
         api_error.get_or_insert(e);
+        if let (Some(next), Some(recorded)) = (state.as_mut(), recorded.as_ref()) {
+            let held = hold_back(recorded, next, &mut actions);
+            if !held.is_empty() {
+                warn!(%namespace, %name, ?held, "status not recorded; holding back role changes of these shards");
+                events.retain(|e| !held.contains(&event_shard(e)));
+                shards_serving = next
+                    .topology
+                    .shards
+                    .iter()
+                    .filter(|s| s.leader.is_some())
+                    .count();
+            }
+        }
     }
+
+    // Act.
+    execute(&ctx, &namespace, &nodes, &actions).await;
+    if let Some(state) = &state {
+        // Every round, so a router that started since the last change catches up within
+        // one interval; routers ignore a version they already have.
+        push_topology(
+            &ctx,
+            &state.topology,
+            &observe::router_admin_addresses(&pods),
+        )
+        .await;
+    }
+    ctx.memory(&key, |m| m.state = state.clone());
+
+    // Events for every role change.
+    for event in &events {
+        publish_event(&ctx, &kvc, event).await;
+    }
+    ctx.metrics
+        .shards_serving
+        .with_label_values(&[namespace.as_str(), name.as_str()])
+        .set(shards_serving as i64);
     if let Some(invalid) = &invalid
         && kvc.status.as_ref().and_then(degraded_reason) != Some(invalid.reason)
     {
@@ -335,6 +363,72 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
         .with_label_values(&[name.as_str()])
         .observe(started.elapsed().as_secs_f64());
     Ok(Action::requeue(requeue_after(cspec.lease_ms)))
+}
+
+/// Undoes in `next` the changes of every shard that a new operator, reading `recorded`,
+/// could contradict unsafely: a new leader or epoch (it could grant the same epoch to
+/// another replica) or a member gone from the in-sync set (it could promote that member,
+/// which may lack writes the leader acknowledged without it). Those shards go back to
+/// their recorded state and their role requests are dropped from `actions`; leaving a
+/// leader's lease to run out is the safe direction. Returns the held-back shard ids.
+pub fn hold_back(
+    recorded: &ControlState,
+    next: &mut ControlState,
+    actions: &mut Vec<ControlAction>,
+) -> Vec<u32> {
+    let mut held = Vec::new();
+    for shard in &mut next.topology.shards {
+        let Some(j) = recorded
+            .topology
+            .shards
+            .iter()
+            .position(|s| s.id == shard.id)
+        else {
+            continue;
+        };
+        let before = &recorded.topology.shards[j];
+        let ctl_before = recorded.shards.iter().find(|c| c.shard == shard.id);
+        let ctl_after = next.shards.iter().find(|c| c.shard == shard.id);
+        let in_sync_before = ctl_before.map(|c| c.in_sync.as_slice()).unwrap_or_default();
+        let in_sync_after = ctl_after.map(|c| c.in_sync.as_slice()).unwrap_or_default();
+        let unsafe_change = before.leader != shard.leader
+            || before.epoch != shard.epoch
+            || ctl_before.map(|c| c.max_epoch_seen) != ctl_after.map(|c| c.max_epoch_seen)
+            || in_sync_before.iter().any(|m| !in_sync_after.contains(m));
+        if !unsafe_change {
+            continue;
+        }
+        *shard = before.clone();
+        if let (Some(before), Some(after)) = (
+            ctl_before,
+            next.shards.iter_mut().find(|c| c.shard == shard.id),
+        ) {
+            *after = before.clone();
+        }
+        held.push(shard.id);
+        actions.retain(|a| match a {
+            ControlAction::SendRole { replica, .. } => shard_of(replica) != Some(shard.id),
+            _ => true,
+        });
+    }
+    held
+}
+
+/// Shard number of a replica id `s{shard}-r{ordinal}`.
+fn shard_of(replica: &str) -> Option<u32> {
+    replica.strip_prefix('s')?.split_once("-r")?.0.parse().ok()
+}
+
+/// The shard a control event is about.
+fn event_shard(event: &ControlEvent) -> u32 {
+    match event {
+        ControlEvent::Promoted { shard, .. }
+        | ControlEvent::Adopted { shard, .. }
+        | ControlEvent::Demoted { shard, .. }
+        | ControlEvent::InSyncChanged { shard, .. }
+        | ControlEvent::ShardUnavailable { shard, .. }
+        | ControlEvent::ShardAvailable { shard } => *shard,
+    }
 }
 
 fn degraded_reason(status: &crate::crd::KvClusterStatus) -> Option<&str> {

@@ -455,3 +455,44 @@ async fn api_server_failures_do_not_stop_lease_renewals() {
         "after many failures, still retried no later than the next renewal"
     );
 }
+
+#[tokio::test]
+async fn a_shrunk_in_sync_set_reaches_the_leader_only_once_recorded() {
+    // minInSync 1, so a silent follower may leave the in-sync set.
+    let mut h = Harness::new("  shards: 1\n  replicasPerShard: 3\n  replication: {minInSync: 1}\n");
+    h.start_pods();
+    h.round(0).await;
+    h.round(1000).await;
+    let recorded = h.status().shards[0].in_sync.clone();
+    assert_eq!(recorded, ["s0-r0", "s0-r1", "s0-r2"]);
+
+    // Status writes fail from now on, and s0-r2 goes silent for longer than the in-sync
+    // timeout: the control core drops it from the set.
+    h.api.fail_paths("/kvclusters/demo/status");
+    h.nodes.take_down(&address(0, 2));
+    let roles_before = h.nodes.roles().len();
+    for _ in 0..6 {
+        h.clock.fetch_add(1000, std::sync::atomic::Ordering::SeqCst);
+        let _ = reconcile(Arc::new(h.kvc.clone()), h.ctx.clone()).await;
+    }
+    let stored: crate::crd::KvClusterStatus =
+        serde_json::from_value(h.api.object(KVC_PATH).unwrap()["status"].clone()).unwrap();
+    assert_eq!(
+        stored.shards[0].in_sync, recorded,
+        "the write really failed"
+    );
+    // A new operator would promote from the recorded set, so the leader must never be
+    // told (and commit writes with) a set the record does not cover: s0-r2 would then be
+    // a promotion candidate lacking acknowledged writes.
+    for (addr, request) in &h.nodes.roles()[roles_before..] {
+        if request.role == dataplane::topology::Role::Leader {
+            for member in &recorded {
+                assert!(
+                    request.in_sync.contains(member),
+                    "leader {addr} told in-sync {:?} while the record says {recorded:?}",
+                    request.in_sync
+                );
+            }
+        }
+    }
+}
