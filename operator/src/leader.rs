@@ -89,7 +89,9 @@ pub async fn acquire(
     config: ElectionConfig,
 ) -> tokio::sync::watch::Receiver<bool> {
     let mut observed = Observed::default();
+    let mut renewed;
     loop {
+        renewed = tokio::time::Instant::now();
         match try_once(&api, &config, &mut observed).await {
             Ok(true) => break,
             Ok(false) => {}
@@ -100,24 +102,31 @@ pub async fn acquire(
     info!(identity = %config.identity, lease = %config.name, "became leader");
     let (tx, rx) = tokio::sync::watch::channel(true);
     tokio::spawn(async move {
-        let mut last_renewal = Instant::now();
+        // Others may take over one lease duration after they first see our last renewal,
+        // which is no earlier than when we sent it; stop a retry period before that. Each
+        // call is bounded by that deadline: a renewal that hangs (the client's own timeout
+        // is minutes) must not keep us acting after another replica took over.
+        let margin = config.retry_period.min(config.lease_duration / 2);
         loop {
             tokio::time::sleep(config.retry_period).await;
-            match try_once(&api, &config, &mut observed).await {
-                Ok(true) => last_renewal = Instant::now(),
-                Ok(false) => {
+            let deadline = renewed + config.lease_duration - margin;
+            let sent = tokio::time::Instant::now();
+            let attempt =
+                tokio::time::timeout_at(deadline, try_once(&api, &config, &mut observed)).await;
+            match attempt {
+                Ok(Ok(true)) => renewed = sent,
+                Ok(Ok(false)) => {
                     warn!("leader election: lease taken by another replica");
                     let _ = tx.send(false);
                     return;
                 }
-                Err(e) => {
-                    warn!("leader election: renewal failed: {e}");
-                    // Stop before the lease can have run out for the others.
-                    if last_renewal.elapsed() + config.retry_period >= config.lease_duration {
-                        let _ = tx.send(false);
-                        return;
-                    }
-                }
+                Ok(Err(e)) => warn!("leader election: renewal failed: {e}"),
+                Err(_) => warn!("leader election: renewal did not answer in time"),
+            }
+            if tokio::time::Instant::now() + config.retry_period >= deadline {
+                warn!("leader election: no renewal for too long; giving up leadership");
+                let _ = tx.send(false);
+                return;
             }
         }
     });
@@ -231,6 +240,41 @@ mod tests {
                 "at {secs} s"
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_never_answers_ends_leadership_before_the_lease_runs_out() {
+        let api = crate::testing::FakeApi::default();
+        let leases: Api<Lease> = Api::namespaced(api.client(), "ops");
+        let config = ElectionConfig {
+            name: "distkv-operator".into(),
+            namespace: "ops".into(),
+            identity: "a".into(),
+            lease_duration: Duration::from_secs(15),
+            retry_period: Duration::from_secs(3),
+        };
+        let mut held = acquire(leases, config).await;
+        // Renewed once, then the API server stops answering (a partition, not an error).
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(*held.borrow());
+        api.hang_paths("/leases/");
+        let renewed = tokio::time::Instant::now() - Duration::from_secs(1);
+        let lost = tokio::time::timeout(Duration::from_secs(120), async {
+            while *held.borrow() {
+                held.changed().await.unwrap();
+            }
+        })
+        .await;
+        assert!(
+            lost.is_ok(),
+            "leadership never given up while renewals hang"
+        );
+        // Another replica may take over 15 s after our last renewal went out.
+        assert!(
+            renewed.elapsed() < Duration::from_secs(15),
+            "given up {:?} after the last renewal",
+            renewed.elapsed()
+        );
     }
 
     #[test]

@@ -34,6 +34,7 @@ struct ApiState {
     requests: Vec<Recorded>,
     next_rv: u64,
     failing: Vec<String>,
+    hanging: Vec<String>,
 }
 
 /// An in-memory API server understanding what the operator does: server-side apply
@@ -77,6 +78,15 @@ impl FakeApi {
             .push(fragment.to_string());
     }
 
+    /// Never answers a request whose path contains `fragment` (a partitioned API server).
+    pub fn hang_paths(&self, fragment: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .hanging
+            .push(fragment.to_string());
+    }
+
     /// Every request so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.lock().unwrap().requests.clone()
@@ -112,6 +122,16 @@ impl FakeApi {
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         let path = parts.uri.path().to_string();
         let query = parts.uri.query().unwrap_or_default().to_string();
+        if self
+            .state
+            .lock()
+            .unwrap()
+            .hanging
+            .iter()
+            .any(|f| path.contains(f.as_str()))
+        {
+            return std::future::pending().await;
+        }
         let mut st = self.state.lock().unwrap();
         st.requests.push(Recorded {
             method: parts.method.clone(),
@@ -142,6 +162,12 @@ impl FakeApi {
                 let mut object = body;
                 object["metadata"]["resourceVersion"] = json!(rv);
                 object["metadata"]["uid"] = json!(format!("uid-{}", last(&path)));
+                st.objects.insert(path, object.clone());
+                reply(StatusCode::OK, &object)
+            }
+            Method::PUT => {
+                let mut object = body;
+                object["metadata"]["resourceVersion"] = json!(rv);
                 st.objects.insert(path, object.clone());
                 reply(StatusCode::OK, &object)
             }
