@@ -354,6 +354,10 @@ pub struct KvClusterStatus {
     /// Shard count the cluster was created with; a different `spec.shards` is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_shards: Option<u32>,
+    /// Storage the replicas' volumes were created with; a different `spec.storage` is
+    /// refused, since a StatefulSet's volume claim templates cannot change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_storage: Option<StorageSpec>,
     /// Per-shard leadership and replica health.
     #[serde(default)]
     pub shards: Vec<ShardStatus>,

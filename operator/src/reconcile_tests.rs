@@ -496,3 +496,36 @@ async fn a_shrunk_in_sync_set_reaches_the_leader_only_once_recorded() {
         }
     }
 }
+
+#[tokio::test]
+async fn changing_storage_is_refused_instead_of_failing_every_apply() {
+    let mut h = Harness::new("  shards: 2\n  replicasPerShard: 2\n  storage: {size: 1Gi}\n");
+    h.start_pods();
+    h.round(0).await;
+    h.round(1000).await;
+
+    // A StatefulSet's volumeClaimTemplates cannot change: the API server would answer 422
+    // to the first shard's apply in every round, so nothing after it (other shards, the
+    // router, an image upgrade) would ever be applied again.
+    h.kvc.spec.storage.size = k8s_openapi::apimachinery::pkg::api::resource::Quantity("2Gi".into());
+    h.kvc.spec.image = "distkv:v2".into();
+    h.kvc.metadata.generation = Some(2);
+    h.api.clear_requests();
+    h.round(1000).await;
+    assert!(
+        !h.applied().iter().any(|(p, _)| p.contains("statefulsets")),
+        "a StatefulSet with other volumeClaimTemplates was applied"
+    );
+    assert_eq!(
+        h.condition("Degraded"),
+        ("True".into(), "StorageImmutable".into())
+    );
+    assert_eq!(h.status().leaders.as_deref(), Some("2/2"));
+
+    // Back to the running size: accepted again, the upgrade goes through.
+    h.kvc.spec.storage.size = k8s_openapi::apimachinery::pkg::api::resource::Quantity("1Gi".into());
+    h.kvc.metadata.generation = Some(3);
+    h.round(1000).await;
+    assert_eq!(h.condition("Degraded").0, "False");
+    assert!(h.applied().iter().any(|(p, _)| p.contains("statefulsets")));
+}

@@ -238,6 +238,11 @@ pub fn compute(input: &StatusInput<'_>, now: Time) -> KvClusterStatus {
             .state
             .map(|s| s.topology.shards.len() as u32)
             .or(old.current_shards),
+        // Recorded once a valid spec was applied; kept while a spec is refused.
+        current_storage: match (input.invalid, input.state) {
+            (None, Some(_)) => Some(spec.storage.clone()),
+            _ => old.current_storage,
+        },
         shards: if input.state.is_some() {
             shards
         } else {

@@ -34,7 +34,40 @@ pub fn validate(kvc: &KvCluster) -> Result<(), InvalidSpec> {
     let name = kvc.metadata.name.as_deref().unwrap_or_default();
     validate_name(name)?;
     let current_shards = kvc.status.as_ref().and_then(|s| s.current_shards);
-    validate_spec(&kvc.spec, current_shards)
+    validate_spec(&kvc.spec, current_shards)?;
+    let current_storage = kvc.status.as_ref().and_then(|s| s.current_storage.as_ref());
+    validate_storage(&kvc.spec.storage, current_storage)
+}
+
+/// Refuses a storage change: volume claim templates are immutable in a StatefulSet, so
+/// the API server would reject every apply of the shard StatefulSets (and the objects
+/// after them) until the spec is set back.
+fn validate_storage(
+    spec: &crate::crd::StorageSpec,
+    current: Option<&crate::crd::StorageSpec>,
+) -> Result<(), InvalidSpec> {
+    let Some(current) = current else {
+        return Ok(());
+    };
+    if spec == current {
+        return Ok(());
+    }
+    let show = |s: &crate::crd::StorageSpec| {
+        format!(
+            "size {} class {}",
+            s.size.0,
+            s.storage_class_name.as_deref().unwrap_or("<default>")
+        )
+    };
+    Err(InvalidSpec::new(
+        "StorageImmutable",
+        format!(
+            "spec.storage changed from {} to {}; existing volumes keep their size and \
+             class, so the cluster keeps running with them (set spec.storage back)",
+            show(current),
+            show(spec)
+        ),
+    ))
 }
 
 fn validate_name(name: &str) -> Result<(), InvalidSpec> {
