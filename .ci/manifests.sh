@@ -130,6 +130,8 @@ done
 check "chart sample KvCluster against the CRD schema" validate_kvclusters "$OUT/helm-all-on.yaml"
 check "chart RBAC is least privilege (no wildcards, no secrets)" \
     bash -c "! grep -nE \"'\\*'|\\\"\\*\\\"|- \\*|secrets\" '$OUT/helm-defaults.yaml'"
+check "chart RBAC may set blockOwnerDeletion on owned objects (kvclusters/finalizers)" \
+    grep -q 'resources: \["kvclusters/finalizers"\]' "$OUT/helm-defaults.yaml"
 
 # The operator Deployment's arguments parse: the binary gets past its command line and
 # stops only where it needs a cluster.
