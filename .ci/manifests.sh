@@ -132,6 +132,15 @@ check "chart RBAC is least privilege (no wildcards, no secrets)" \
     bash -c "! grep -nE \"'\\*'|\\\"\\*\\\"|- \\*|secrets\" '$OUT/helm-defaults.yaml'"
 check "chart RBAC may set blockOwnerDeletion on owned objects (kvclusters/finalizers)" \
     grep -q 'resources: \["kvclusters/finalizers"\]' "$OUT/helm-defaults.yaml"
+netpols_in_watched_namespace() { # with watchNamespace set, the policies protect its pods
+    "$HELM" template distkv charts/distkv --namespace distkv-system --set operator.watchNamespace=kv \
+        | "$VENV/bin/python" -c '
+import sys, yaml
+ns = [d["metadata"]["namespace"] for d in yaml.safe_load_all(sys.stdin) if d and d.get("kind") == "NetworkPolicy"]
+assert ns and set(ns) == {"kv"}, ns
+'
+}
+check "NetworkPolicies go to the watched namespace" netpols_in_watched_namespace
 
 # The operator Deployment's arguments parse: the binary gets past its command line and
 # stops only where it needs a cluster.

@@ -36,10 +36,13 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
-{{/* Namespaces that get the NetworkPolicies. */}}
+{{/* Namespaces that get the NetworkPolicies: those listed, else the one watched (where
+     the KvClusters and their pods are), else the release namespace. */}}
 {{- define "distkv.policyNamespaces" -}}
 {{- if .Values.networkPolicy.namespaces -}}
 {{- toJson .Values.networkPolicy.namespaces -}}
+{{- else if .Values.operator.watchNamespace -}}
+{{- toJson (list .Values.operator.watchNamespace) -}}
 {{- else -}}
 {{- toJson (list .Release.Namespace) -}}
 {{- end -}}
