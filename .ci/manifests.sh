@@ -224,6 +224,8 @@ printf 'apiVersion: distkv.io/v1alpha1\nkind: KvCluster\nmetadata: {name: x}\nsp
 sed 's/- --data-dir/- --no-such-flag/' "$OUT/render-kvcluster.yaml" >"$OUT/bad-args.yaml"
 check "distkv rejects an unknown node flag" refuses pod_args_parse "$OUT/bad-args.yaml"
 check "render refuses minInSync > replicasPerShard" refuses render_stdin "$OUT/bad-insync.yaml"
+check "helm refuses several operator replicas without leader election" \
+    refuses "$HELM" template distkv charts/distkv --set operator.replicas=2 --set operator.leaderElection=false
 check "helm lint refuses values outside the chart's schema" refuses "$HELM" lint --strict charts/distkv --set sampleCluster.shards=0
 
 echo "manifests took $(( $(date +%s) - started ))s"
