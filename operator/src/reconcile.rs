@@ -170,6 +170,16 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
         .uid
         .clone()
         .unwrap_or_else(|| format!("{namespace}/{name}"));
+    if kvc.metadata.deletion_timestamp.is_some() {
+        // Being deleted (foreground cascade): the garbage collector removes what it owns;
+        // applying now would re-create objects it just deleted.
+        info!(%namespace, %name, "KvCluster is being deleted; leaving it to the garbage collector");
+        ctx.memory
+            .lock()
+            .expect("memory lock is never poisoned")
+            .remove(&key);
+        return Ok(Action::await_change());
+    }
     let mut cspec = cluster_spec(&kvc, &ctx.tuning);
 
     // Validate. A refused spec applies nothing; a running cluster keeps being driven with

@@ -529,3 +529,30 @@ async fn changing_storage_is_refused_instead_of_failing_every_apply() {
     assert_eq!(h.condition("Degraded").0, "False");
     assert!(h.applied().iter().any(|(p, _)| p.contains("statefulsets")));
 }
+
+#[tokio::test]
+async fn a_kvcluster_being_deleted_is_left_to_the_garbage_collector() {
+    let mut h = Harness::new("  shards: 1\n  replicasPerShard: 2\n");
+    h.start_pods();
+    h.round(0).await;
+    h.round(1000).await;
+
+    // `kubectl delete --cascade=foreground`: the KvCluster stays, with a deletion
+    // timestamp, until the garbage collector has removed what it owns.
+    h.kvc.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    h.kvc.metadata.finalizers = Some(vec!["foregroundDeletion".into()]);
+    h.kvc.spec.router.replicas = 3; // any change would be re-applied
+    h.api.clear_requests();
+    let roles_before = h.nodes.roles().len();
+    reconcile(Arc::new(h.kvc.clone()), h.ctx.clone())
+        .await
+        .expect("reconcile succeeds");
+    assert!(
+        h.applied().is_empty(),
+        "objects re-created while being deleted: {:?}",
+        h.applied().iter().map(|(p, _)| p).collect::<Vec<_>>()
+    );
+    assert_eq!(h.nodes.roles().len(), roles_before, "no roles sent");
+}
