@@ -109,6 +109,12 @@ pub fn replica_id(shard: u32, index: u32) -> String {
     format!("s{shard}-r{index}")
 }
 
+/// The shard and index a [`replica_id`] names, e.g. `(0, 1)` for `s0-r1`.
+pub fn parse_replica_id(id: &str) -> Option<(u32, u32)> {
+    let (shard, index) = id.strip_prefix('s')?.split_once("-r")?;
+    Some((shard.parse().ok()?, index.parse().ok()?))
+}
+
 /// What the driver saw of one replica this round.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observation {
@@ -1287,6 +1293,14 @@ mod tests {
 
     fn ids(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn replica_ids_parse_back_to_shard_and_index() {
+        assert_eq!(parse_replica_id(&replica_id(12, 3)), Some((12, 3)));
+        for bad in ["", "s1", "r1", "s-r1", "s1-r", "x1-r2", "s1-r2x", "s1-rr2"] {
+            assert_eq!(parse_replica_id(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -417,16 +417,13 @@ pub fn hold_back(
         }
         held.push(shard.id);
         actions.retain(|a| match a {
-            ControlAction::SendRole { replica, .. } => shard_of(replica) != Some(shard.id),
+            ControlAction::SendRole { replica, .. } => {
+                dataplane::control::parse_replica_id(replica).map(|(s, _)| s) != Some(shard.id)
+            }
             _ => true,
         });
     }
     held
-}
-
-/// Shard number of a replica id `s{shard}-r{ordinal}`.
-fn shard_of(replica: &str) -> Option<u32> {
-    replica.strip_prefix('s')?.split_once("-r")?.0.parse().ok()
 }
 
 /// The shard a control event is about.

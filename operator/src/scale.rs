@@ -5,12 +5,12 @@
 //! shard's leader: that shard keeps `leader ordinal + 1` pods until leadership moves to a
 //! lower ordinal (a failover). Followers are removed; a leader never is.
 
-use dataplane::control::{ControlState, replica_id};
+use dataplane::control::{ControlState, parse_replica_id, replica_id};
 use dataplane::topology::{ReplicaInfo, Role};
 
 /// Ordinal of a replica id `s{shard}-r{ordinal}`.
 pub fn ordinal(replica: &str) -> Option<u32> {
-    replica.rsplit_once("-r")?.1.parse().ok()
+    parse_replica_id(replica).map(|(_, ordinal)| ordinal)
 }
 
 /// StatefulSet size per shard: `desired`, or more while the shard's leader sits on an
