@@ -116,7 +116,7 @@ check "helm lint (all options on)" "$HELM" lint --strict charts/distkv \
 declare -A VALUESETS=(
     [defaults]=""
     [all-on]="--set sampleCluster.enabled=true --set serviceMonitor.enabled=true --set operator.replicas=2 --set networkPolicy.namespaces={kv-a,kv-b}"
-    [namespaced]="--set operator.watchNamespace=kv --set networkPolicy.enabled=false --set serviceAccount.create=false"
+    [namespaced]="--set operator.watchNamespace=kv --set networkPolicy.enabled=false --set serviceAccount.create=false --set serviceAccount.name=distkv-operator"
 )
 for name in "${!VALUESETS[@]}"; do
     # shellcheck disable=SC2086 # the value sets are word lists on purpose
@@ -226,6 +226,13 @@ check "distkv rejects an unknown node flag" refuses pod_args_parse "$OUT/bad-arg
 check "render refuses minInSync > replicasPerShard" refuses render_stdin "$OUT/bad-insync.yaml"
 check "helm refuses several operator replicas without leader election" \
     refuses "$HELM" template distkv charts/distkv --set operator.replicas=2 --set operator.leaderElection=false
+check "helm refuses to bind the operator's role to the default ServiceAccount" \
+    refuses "$HELM" template distkv charts/distkv --set serviceAccount.create=false
+runs_as_ops() {
+    "$HELM" template distkv charts/distkv --set serviceAccount.create=false \
+        --set serviceAccount.name=ops | grep -q 'serviceAccountName: ops'
+}
+check "helm binds the operator's role to a named existing ServiceAccount" runs_as_ops
 check "helm lint refuses values outside the chart's schema" refuses "$HELM" lint --strict charts/distkv --set sampleCluster.shards=0
 
 echo "manifests took $(( $(date +%s) - started ))s"

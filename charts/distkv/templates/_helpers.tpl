@@ -28,7 +28,9 @@ app.kubernetes.io/component: operator
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "distkv.fullname" .) .Values.serviceAccount.name -}}
 {{- else -}}
-{{- default "default" .Values.serviceAccount.name -}}
+{{- /* Never the namespace's "default" account: the operator's cluster role would go to
+       every pod that runs as it. */ -}}
+{{- required "serviceAccount.name must name an existing ServiceAccount when serviceAccount.create is false" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
 
