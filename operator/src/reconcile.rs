@@ -130,6 +130,23 @@ impl Context {
         self
     }
 
+    /// Drops what is remembered of every KvCluster whose uid is not in `live`: a cluster
+    /// deleted in the background is never reconciled again to forget itself.
+    pub fn forget_all_but<'a>(&self, live: impl IntoIterator<Item = &'a str>) {
+        let live: std::collections::HashSet<&str> = live.into_iter().collect();
+        self.memory
+            .lock()
+            .expect("memory lock is never poisoned")
+            .retain(|key, _| live.contains(key.as_str()));
+    }
+
+    /// The keys of the KvClusters remembered.
+    #[cfg(test)]
+    pub(crate) fn remembered(&self) -> Vec<String> {
+        let all = self.memory.lock().expect("memory lock is never poisoned");
+        all.keys().cloned().collect()
+    }
+
     fn memory<R>(&self, key: &str, f: impl FnOnce(&mut Memory) -> R) -> R {
         let mut all = self.memory.lock().expect("memory lock is never poisoned");
         f(all.entry(key.to_string()).or_default())
@@ -706,7 +723,10 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     };
     let pod_config = watcher::Config::default()
         .labels("app.kubernetes.io/name=distkv,app.kubernetes.io/managed-by=distkv-operator");
-    Controller::new(clusters, watcher::Config::default().any_semantic())
+    let controller = Controller::new(clusters, watcher::Config::default().any_semantic());
+    let known = controller.store();
+    let forget = ctx.clone();
+    controller
         .watches(pods, pod_config, |pod: Pod| {
             let ns = pod.namespace()?;
             let instance = pod.labels().get("app.kubernetes.io/instance")?.clone();
@@ -714,10 +734,17 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                debug!("reconcile dispatch: {e}");
+        .for_each(|result| {
+            match result {
+                // A pod event for a KvCluster that is gone: it was deleted.
+                Err(kube::runtime::controller::Error::ObjectNotFound(_)) => {
+                    let live: Vec<String> = known.state().iter().filter_map(|k| k.uid()).collect();
+                    forget.forget_all_but(live.iter().map(String::as_str));
+                }
+                Err(e) => debug!("reconcile dispatch: {e}"),
+                Ok(_) => {}
             }
+            std::future::ready(())
         })
         .await;
 }

@@ -556,3 +556,17 @@ async fn a_kvcluster_being_deleted_is_left_to_the_garbage_collector() {
     );
     assert_eq!(h.nodes.roles().len(), roles_before, "no roles sent");
 }
+
+#[tokio::test]
+async fn a_deleted_kvcluster_is_forgotten() {
+    let mut h = Harness::new("  shards: 1\n  replicasPerShard: 2\n");
+    h.start_pods();
+    h.round(0).await;
+    let key = h.ctx.remembered();
+    assert_eq!(key.len(), 1, "one cluster remembered after a round");
+    h.ctx.forget_all_but(key.iter().map(String::as_str));
+    assert_eq!(h.ctx.remembered(), key, "a live cluster is kept");
+    // Deleted in the background: no other reconcile comes for it.
+    h.ctx.forget_all_but(["uid-of-another-cluster"]);
+    assert!(h.ctx.remembered().is_empty());
+}
