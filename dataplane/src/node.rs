@@ -227,11 +227,27 @@ impl Node {
                 format!("{in_sync} replicas in sync; at least {min} are required to take writes"),
             ));
         }
-        let outcome = self
-            .store
-            .write(view.epoch, slot, key, op, cond)
-            .await
-            .map_err(store_error)?;
+        let outcome = match self.store.write(view.epoch, slot, key, op, cond).await {
+            Ok(outcome) => outcome,
+            // A failed precondition (412) or a missing key (404) tells what the key holds;
+            // if that is a write the in-sync set has not confirmed, a failover can undo it,
+            // and the answer would show a state that never was.
+            Err(e @ (StoreError::PreconditionFailed | StoreError::NotFound)) => {
+                let applied = self.store.staged().last.seq;
+                self.wait_committed(&view.leadership, applied)
+                    .await
+                    .map_err(|_| {
+                        ApiError::unavailable(
+                            "value_not_committed",
+                            "the key's latest state is not yet on every in-sync replica, so \
+                             the condition cannot be decided on it yet; nothing was written; \
+                             retry",
+                        )
+                    })?;
+                return Err(store_error(e));
+            }
+            Err(e) => return Err(store_error(e)),
+        };
         view.leadership.recompute();
         self.wait_committed(&view.leadership, outcome.version.seq)
             .await?;
@@ -279,12 +295,12 @@ impl Node {
             return self.store.get(slot, key).map_err(store_error);
         }
         let view = self.leader_view(slot)?;
-        let found = self.store.get(slot, key).map_err(store_error)?;
-        if let Some((version, _)) = &found {
-            // A value not yet held by every in-sync replica could still vanish in a
-            // failover; wait until it cannot.
-            self.wait_readable(&view.leadership, version.seq).await?;
-        }
+        let (found, applied) = self.store.get_applied(slot, key).map_err(store_error)?;
+        // A value not yet held by every in-sync replica could still vanish in a failover,
+        // and so could the delete that left a key absent; wait until it cannot. An absent
+        // key has no version: it waits for everything applied when it was read.
+        let seq = found.as_ref().map_or(applied, |(version, _)| version.seq);
+        self.wait_readable(&view.leadership, seq).await?;
         Ok(found)
     }
 
@@ -569,7 +585,7 @@ pub async fn v1_get(State(node): NodeState, req: Request) -> Result<Response, Ap
               (status = 400, description = "Bad key or precondition", body = api::ErrorBody),
               (status = 412, description = "Precondition failed", body = api::ErrorBody),
               (status = 413, description = "Key or value too large", body = api::ErrorBody),
-              (status = 503, description = "Not enough in-sync replicas, or the outcome is unknown", body = api::ErrorBody),
+              (status = 503, description = "Not enough in-sync replicas, the outcome is unknown, or the state a condition failed on is not yet confirmed", body = api::ErrorBody),
               (status = 504, description = "The replica did not answer in time; the outcome is unknown", body = api::ErrorBody)))]
 pub async fn v1_put(
     State(node): NodeState,
@@ -609,7 +625,7 @@ pub async fn v1_put(
               (status = 404, description = "No such key", body = api::ErrorBody),
               (status = 412, description = "Precondition failed", body = api::ErrorBody),
               (status = 413, description = "Key too large", body = api::ErrorBody),
-              (status = 503, description = "Not enough in-sync replicas, or the outcome is unknown", body = api::ErrorBody),
+              (status = 503, description = "Not enough in-sync replicas, the outcome is unknown, or the state a condition failed on is not yet confirmed", body = api::ErrorBody),
               (status = 504, description = "The replica did not answer in time; the outcome is unknown", body = api::ErrorBody)))]
 pub async fn v1_delete(
     State(node): NodeState,
@@ -703,7 +719,7 @@ pub async fn demo_get(State(node): NodeState, uri: Uri) -> Response {
     responses((status = 200, description = "`{\"status\":\"Delete successful\"}` or `{\"status\":\"Key not found\"}`"),
               (status = 400, description = "Missing or invalid key"),
               (status = 413, description = "Key too large"),
-              (status = 503, description = "Not enough in-sync replicas, or the outcome is unknown"),
+              (status = 503, description = "Not enough in-sync replicas, the outcome is unknown, or the missing key's state is not yet confirmed"),
               (status = 504, description = "The replica did not answer in time; the outcome is unknown")))]
 pub async fn demo_delete(State(node): NodeState, uri: Uri) -> Response {
     let run = async {

@@ -558,13 +558,28 @@ impl Store {
 
     /// Reads a key: its version and value.
     pub fn get(&self, slot: Slot, key: &[u8]) -> Result<Option<(Position, Bytes)>, StoreError> {
-        if let Seen::Here(found) = self.layers.read().unwrap().key(key) {
-            return Ok(found);
+        self.get_applied(slot, key).map(|(found, _)| found)
+    }
+
+    /// [`Store::get`], with a log seq at or after the last entry the answer reflects. An
+    /// absent key has no version of its own: the delete that removed it may be any entry
+    /// up to that seq.
+    pub fn get_applied(
+        &self,
+        slot: Slot,
+        key: &[u8],
+    ) -> Result<(Option<(Position, Bytes)>, u64), StoreError> {
+        let layers = self.layers.read().unwrap();
+        let applied = layers.active.state.last.seq;
+        if let Seen::Here(found) = layers.key(key) {
+            return Ok((found, applied));
         }
+        drop(layers);
         // No layer holds the key now, so redb has its latest value: the writer drops a
-        // layer only after redb committed it.
+        // layer only after redb committed it, and after it staged its state.
         let txn = self.db.begin_read()?;
-        kv_get(&txn.open_table(KV)?, slot, key)
+        let found = kv_get(&txn.open_table(KV)?, slot, key)?;
+        Ok((found, applied.max(self.staged().last.seq)))
     }
 
     /// Reads log entries `from..=upto`, at most `max_entries` of them and at most

@@ -590,3 +590,85 @@ async fn an_unconfirmed_value_is_not_read() {
     .await;
     assert_eq!(read.body, "unconfirmed");
 }
+
+/// A delete the in-sync set has not confirmed is not observed either: a read of the key
+/// does not answer 404, a second delete does not answer 404, and a failed precondition
+/// (412) is not decided on it, nor on an unconfirmed create. Each of those answers would
+/// show a state that a failover undoes: promoted, the follower that never got the delete
+/// and the create still serves the old value and no new key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unconfirmed_delete_or_create_is_not_observed() {
+    let mut shard = Shard::start(2, AckMode::Sync, &["--replication-timeout-ms", "300"]);
+    shard.assign(0, 1, &[0, 1]).await;
+    let http = Http::default();
+    let leader = shard.nodes[0].addr.clone();
+    let put = eventually("a confirmed value", Duration::from_secs(10), || async {
+        let r = http.put(&leader, "gone", "confirmed").await;
+        r.status.is_success().then_some(r)
+    })
+    .await;
+    let version = etag(&put);
+
+    // The follower dies: the leader's next writes are durable there but not committed.
+    shard.nodes[1].kill9();
+    let d = http.delete(&leader, "/v1/kv/gone").await;
+    assert_eq!(
+        (d.status.as_u16(), error_code(&d)),
+        (503, "replication_timeout".into())
+    );
+    let c = http.put(&leader, "born", "unconfirmed").await;
+    assert_eq!(
+        (c.status.as_u16(), error_code(&c)),
+        (503, "replication_timeout".into())
+    );
+
+    let unconfirmed = |r: &dataplane::client::Response, what: &str| {
+        assert_eq!(
+            (r.status.as_u16(), error_code(r)),
+            (503, "value_not_committed".into()),
+            "{what} answered from a state the in-sync set has not confirmed"
+        );
+    };
+    unconfirmed(
+        &http.get(&leader, "/v1/kv/gone").await,
+        "GET of the deleted key",
+    );
+    // The demo API keeps its own shape: {"status": message}.
+    let demo = http.get(&leader, "/get?key=gone").await;
+    assert_eq!(demo.status, 503, "demo GET of the deleted key");
+    unconfirmed(
+        &http.delete(&leader, "/v1/kv/gone").await,
+        "DELETE of the deleted key",
+    );
+    let cas = http
+        .req(
+            Method::PUT,
+            &leader,
+            "/v1/kv/gone",
+            &[("if-match", &version)],
+            "cas",
+        )
+        .await;
+    unconfirmed(&cas, "If-Match on the deleted key");
+    let create = http
+        .req(
+            Method::PUT,
+            &leader,
+            "/v1/kv/born",
+            &[("if-none-match", "*")],
+            "again",
+        )
+        .await;
+    unconfirmed(&create, "If-None-Match: * on the created key");
+
+    // Why: the leader dies, the follower that never saw the delete and the create is
+    // promoted, and the old state is the truth.
+    shard.nodes[0].kill9();
+    shard.nodes[1].restart();
+    shard.assign(1, 2, &[1]).await;
+    let new = shard.nodes[1].addr.clone();
+    let r = http.get(&new, "/v1/kv/gone").await;
+    assert_eq!((r.status.as_u16(), etag(&r)), (200, version.clone()));
+    assert_eq!(r.body, "confirmed");
+    assert_eq!(http.get(&new, "/v1/kv/born").await.status, 404);
+}
