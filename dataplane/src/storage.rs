@@ -1482,6 +1482,20 @@ impl Writer {
                     leader_last,
                     reply,
                 } => {
+                    // An install that never ended (its sender died or was deposed) left
+                    // records from a snapshot that may hold writes never committed, under
+                    // a log that says empty. A leader streaming entries starts from that
+                    // empty log: drop the records first, or they stay under it for good.
+                    // The partial mark stays, so a crash before another snapshot ends
+                    // still starts this replica over from nothing.
+                    if self.installs.current.is_some() && epoch >= tx.st().epoch {
+                        self.installs.current = None;
+                        let layer = tx.changed();
+                        layer.kv.clear();
+                        layer.log.clear();
+                        layer.wiped = true;
+                        layer.state = layer.state.emptied();
+                    }
                     let r = tx.append(epoch, prev, entries, leader_last);
                     replies.push(Reply::Append(reply, r));
                 }

@@ -320,6 +320,72 @@ async fn a_snapshot_waits_for_its_position_to_be_committed() {
     assert_eq!(b.keys, 2100);
 }
 
+/// A snapshot whose sender dies before its end leaves nothing behind on the follower:
+/// records already stored from it (here, writes that were never committed) are not kept
+/// under entries that a later leader streams from its log. The new leader keeps its whole
+/// log, so it streams entries rather than a snapshot that would wipe the follower again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_abandoned_snapshot_leaves_no_records_behind() {
+    let mut shard = Shard::start(3, AckMode::Sync, &["--log-retain", "100"]);
+    shard.nodes[1].extra = vec!["--log-retain".into(), "1000000".into()];
+    shard.nodes[1].restart();
+    shard.assign(0, 1, &[0, 1, 2]).await;
+    let leader = shard.nodes[0].addr.clone();
+    write_all(&leader, "before", 100).await;
+    shard.nodes[2].kill9();
+    shard.assign(0, 1, &[0, 1]).await;
+    write_all(&leader, "during", 2000).await;
+    eventually(
+        "the leader to trim its log",
+        Duration::from_secs(10),
+        || async { (shard.status(0).await.log_start_seq > 500).then_some(()) },
+    )
+    .await;
+    shard.nodes[1].kill9();
+    let http = Http::default();
+    let pending = writes_in_flight(&http, &leader, "pending", "x");
+    eventually(
+        "the pending writes to be in the leader's log",
+        Duration::from_secs(5),
+        || async { (shard.status(0).await.last_seq >= 2120).then_some(()) },
+    )
+    .await;
+    // B gets a snapshot with the pending writes, whose end waits for a commit that
+    // never comes; the leader dies mid-transfer.
+    shard.nodes[2].restart();
+    shard.follow(2, 0, 1).await;
+    shard.assign(0, 1, &[0, 1]).await;
+    eventually(
+        "B to be wiped by the snapshot",
+        Duration::from_secs(10),
+        || async { (shard.status(2).await.last_seq == 0).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    shard.nodes[0].kill9();
+    shard.nodes[1].restart();
+    for p in pending {
+        let _ = p.await.unwrap();
+    }
+    assert_eq!(
+        shard.status(1).await.log_start_seq,
+        1,
+        "A keeps its whole log"
+    );
+    shard.assign(1, 2, &[1]).await;
+    let a = shard.nodes[1].addr.clone();
+    assert_eq!(http.get(&a, "/v1/kv/pending-0").await.status, 404);
+    let b = shard.converged(1, 2, Duration::from_secs(20)).await;
+    assert_eq!(b.keys, 2100);
+    let r = http
+        .get(&shard.nodes[2].addr, "/v1/kv/pending-0?consistency=stale")
+        .await;
+    assert_eq!(
+        r.status, 404,
+        "an uncommitted write from the dead leader's snapshot"
+    );
+}
+
 /// When the leader has trimmed the entries a follower needs, the follower loads a
 /// snapshot instead, and ends equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
