@@ -1416,6 +1416,9 @@ impl Writer {
 
     /// Applies a batch, makes it durable and answers its requests; returns the state.
     fn commit(&mut self, batch: Vec<Command>) -> LogState {
+        if self.installs.current.is_some() && batch.iter().any(|c| self.ends_install(c)) {
+            self.abandon_install();
+        }
         // Changes that are not in the write-ahead log (a snapshot's data) are made durable
         // by writing everything to redb, before and after them.
         let durable_in_redb = batch.iter().any(Command::needs_checkpoint);
@@ -1447,6 +1450,37 @@ impl Writer {
             r.send(state);
         }
         state
+    }
+
+    /// Whether `cmd` means the install under way will never end: entries from a leader
+    /// at its epoch or a newer one, streamed from its log instead.
+    fn ends_install(&self, cmd: &Command) -> bool {
+        matches!(cmd, Command::Append { epoch, .. }
+            if *epoch >= self.layers.read().unwrap().active.state.epoch)
+    }
+
+    /// Drops what an install that never ended (its sender died or was deposed) stored: the
+    /// records of a snapshot that may hold writes never committed, under a log that says
+    /// empty. Entries a leader streams next start from that empty log and must not land
+    /// on them. The wipe is durable, and the install no longer marked partial, before
+    /// any entry is applied: once this replica acknowledges entries, a restart must not
+    /// discard them as half of a snapshot.
+    fn abandon_install(&mut self) {
+        tracing::warn!("a snapshot install never ended; discarding what it stored");
+        self.installs.current = None;
+        // Nothing frozen below: the wipe then covers everything.
+        self.drain();
+        {
+            let mut layers = self.layers.write().unwrap();
+            let layer = &mut layers.active;
+            layer.dirty = true;
+            layer.kv.clear();
+            layer.log.clear();
+            layer.wiped = true;
+            layer.snapshot_partial = Some(false);
+            layer.state = layer.state.emptied();
+        }
+        self.drain();
     }
 
     /// Runs a batch's commands against the active layer. Replies are collected, not
@@ -1482,20 +1516,6 @@ impl Writer {
                     leader_last,
                     reply,
                 } => {
-                    // An install that never ended (its sender died or was deposed) left
-                    // records from a snapshot that may hold writes never committed, under
-                    // a log that says empty. A leader streaming entries starts from that
-                    // empty log: drop the records first, or they stay under it for good.
-                    // The partial mark stays, so a crash before another snapshot ends
-                    // still starts this replica over from nothing.
-                    if self.installs.current.is_some() && epoch >= tx.st().epoch {
-                        self.installs.current = None;
-                        let layer = tx.changed();
-                        layer.kv.clear();
-                        layer.log.clear();
-                        layer.wiped = true;
-                        layer.state = layer.state.emptied();
-                    }
                     let r = tx.append(epoch, prev, entries, leader_last);
                     replies.push(Reply::Append(reply, r));
                 }

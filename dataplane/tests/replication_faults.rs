@@ -384,6 +384,11 @@ async fn an_abandoned_snapshot_leaves_no_records_behind() {
         r.status, 404,
         "an uncommitted write from the dead leader's snapshot"
     );
+    // B acknowledged what it holds now, so a restart keeps it: were the install still
+    // marked partial, the restart would discard everything as half of a snapshot.
+    shard.nodes[2].restart();
+    let restarted = shard.status(2).await;
+    assert_eq!((restarted.keys, restarted.last_seq), (b.keys, b.last_seq));
 }
 
 /// When the leader has trimmed the entries a follower needs, the follower loads a
