@@ -257,15 +257,14 @@ async fn a_follower_catches_up_on_large_values() {
     assert_eq!((f.keys, f.snapshots_installed), (6, 0));
 }
 
-/// A snapshot is installed only up to what is committed. B needs a snapshot while the
-/// leader holds writes that in-sync A has not confirmed (A is down). Were B to install
-/// a copy holding them, they would sit below the base of its log, which is never cut: once
-/// A takes over without them, B would stay diverged for good. The leader holds back the
-/// stream's end until its position is committed, so B installs nothing, and then catches
-/// up from A.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_snapshot_waits_for_its_position_to_be_committed() {
-    let mut shard = Shard::start(3, AckMode::Sync, &["--log-retain", "100"]);
+/// Leader 0 holds 2,100 committed keys and `pending-*` writes it cannot commit (A, node 1,
+/// is down), with its log trimmed past where B (node 2) stopped; B is back and following,
+/// so the leader starts sending it a snapshot that includes the pending writes. Returns
+/// those writes.
+async fn snapshot_past_the_commit_point(
+    shard: &mut Shard,
+    http: &Http,
+) -> Vec<tokio::task::JoinHandle<Option<dataplane::client::Response>>> {
     shard.assign(0, 1, &[0, 1, 2]).await;
     let leader = shard.nodes[0].addr.clone();
     write_all(&leader, "before", 100).await;
@@ -278,23 +277,34 @@ async fn a_snapshot_waits_for_its_position_to_be_committed() {
         || async { (shard.status(0).await.log_start_seq > 500).then_some(()) },
     )
     .await;
-
     // A goes down (a stopped process would still take the bytes into its socket), and
     // the leader takes writes it cannot commit.
     shard.nodes[1].kill9();
-    let http = Http::default();
-    let pending = writes_in_flight(&http, &leader, "pending", "x");
+    let pending = writes_in_flight(http, &leader, "pending", "x");
     eventually(
         "the pending writes to be in the leader's log",
         Duration::from_secs(5),
         || async { (shard.status(0).await.last_seq >= 2120).then_some(()) },
     )
     .await;
-
     // B comes back behind the trimmed log and is sent a snapshot that includes them.
     shard.nodes[2].restart();
     shard.follow(2, 0, 1).await;
     shard.assign(0, 1, &[0, 1]).await;
+    pending
+}
+
+/// A snapshot is installed only up to what is committed. B needs a snapshot while the
+/// leader holds writes that in-sync A has not confirmed (A is down). Were B to install
+/// a copy holding them, they would sit below the base of its log, which is never cut: once
+/// A takes over without them, B would stay diverged for good. The leader holds back the
+/// stream's end until its position is committed, so B installs nothing, and then catches
+/// up from A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_waits_for_its_position_to_be_committed() {
+    let mut shard = Shard::start(3, AckMode::Sync, &["--log-retain", "100"]);
+    let http = Http::default();
+    let pending = snapshot_past_the_commit_point(&mut shard, &http).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let b = shard.status(2).await;
     assert_eq!(
@@ -329,32 +339,10 @@ async fn an_abandoned_snapshot_leaves_no_records_behind() {
     let mut shard = Shard::start(3, AckMode::Sync, &["--log-retain", "100"]);
     shard.nodes[1].extra = vec!["--log-retain".into(), "1000000".into()];
     shard.nodes[1].restart();
-    shard.assign(0, 1, &[0, 1, 2]).await;
-    let leader = shard.nodes[0].addr.clone();
-    write_all(&leader, "before", 100).await;
-    shard.nodes[2].kill9();
-    shard.assign(0, 1, &[0, 1]).await;
-    write_all(&leader, "during", 2000).await;
-    eventually(
-        "the leader to trim its log",
-        Duration::from_secs(10),
-        || async { (shard.status(0).await.log_start_seq > 500).then_some(()) },
-    )
-    .await;
-    shard.nodes[1].kill9();
     let http = Http::default();
-    let pending = writes_in_flight(&http, &leader, "pending", "x");
-    eventually(
-        "the pending writes to be in the leader's log",
-        Duration::from_secs(5),
-        || async { (shard.status(0).await.last_seq >= 2120).then_some(()) },
-    )
-    .await;
     // B gets a snapshot with the pending writes, whose end waits for a commit that
     // never comes; the leader dies mid-transfer.
-    shard.nodes[2].restart();
-    shard.follow(2, 0, 1).await;
-    shard.assign(0, 1, &[0, 1]).await;
+    let pending = snapshot_past_the_commit_point(&mut shard, &http).await;
     eventually(
         "B to be wiped by the snapshot",
         Duration::from_secs(10),
