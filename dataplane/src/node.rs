@@ -234,16 +234,13 @@ impl Node {
             // and the answer would show a state that never was.
             Err(e @ (StoreError::PreconditionFailed | StoreError::NotFound)) => {
                 let applied = self.store.staged().last.seq;
-                self.wait_committed(&view.leadership, applied)
-                    .await
-                    .map_err(|_| {
-                        ApiError::unavailable(
-                            "value_not_committed",
-                            "the key's latest state is not yet on every in-sync replica, so \
-                             the condition cannot be decided on it yet; nothing was written; \
-                             retry",
-                        )
-                    })?;
+                self.wait_settled(
+                    &view.leadership,
+                    applied,
+                    "the key's latest state is not yet on every in-sync replica, so the \
+                     condition cannot be decided on it yet; nothing was written; retry",
+                )
+                .await?;
                 return Err(store_error(e));
             }
             Err(e) => return Err(store_error(e)),
@@ -274,17 +271,18 @@ impl Node {
         }
     }
 
-    /// [`Node::wait_committed`] for a read of the value at `seq`, with an answer that
-    /// speaks of the read.
-    async fn wait_readable(&self, leadership: &Leadership, seq: u64) -> Result<(), ApiError> {
-        self.wait_committed(leadership, seq).await.map_err(|_| {
-            ApiError::unavailable(
-                "value_not_committed",
-                "the key's latest value is not yet on every in-sync replica, so reading it \
-                 could show a write that a failover undoes; retry, or read with \
-                 ?consistency=stale",
-            )
-        })
+    /// [`Node::wait_committed`] for an answer that tells what a key holds (a read, or a
+    /// refused condition) as of `seq`: 503 `value_not_committed`, saying `why`, if the
+    /// in-sync replicas do not confirm it in time.
+    async fn wait_settled(
+        &self,
+        leadership: &Leadership,
+        seq: u64,
+        why: &'static str,
+    ) -> Result<(), ApiError> {
+        self.wait_committed(leadership, seq)
+            .await
+            .map_err(|_| ApiError::unavailable("value_not_committed", why))
     }
 
     /// Reads a key. Leader reads see only committed data; stale reads see what is here.
@@ -295,12 +293,16 @@ impl Node {
             return self.store.get(slot, key).map_err(store_error);
         }
         let view = self.leader_view(slot)?;
-        let (found, applied) = self.store.get_applied(slot, key).map_err(store_error)?;
         // A value not yet held by every in-sync replica could still vanish in a failover,
-        // and so could the delete that left a key absent; wait until it cannot. An absent
-        // key has no version: it waits for everything applied when it was read.
-        let seq = found.as_ref().map_or(applied, |(version, _)| version.seq);
-        self.wait_readable(&view.leadership, seq).await?;
+        // and so could the delete that left a key absent; wait until it cannot.
+        let (found, seq) = self.store.get_settled_at(slot, key).map_err(store_error)?;
+        self.wait_settled(
+            &view.leadership,
+            seq,
+            "the key's latest value is not yet on every in-sync replica, so reading it could \
+             show a write that a failover undoes; retry, or read with ?consistency=stale",
+        )
+        .await?;
         Ok(found)
     }
 

@@ -558,28 +558,35 @@ impl Store {
 
     /// Reads a key: its version and value.
     pub fn get(&self, slot: Slot, key: &[u8]) -> Result<Option<(Position, Bytes)>, StoreError> {
-        self.get_applied(slot, key).map(|(found, _)| found)
+        self.get_settled_at(slot, key).map(|(found, _)| found)
     }
 
-    /// [`Store::get`], with a log seq at or after the last entry the answer reflects. An
-    /// absent key has no version of its own: the delete that removed it may be any entry
-    /// up to that seq.
-    pub fn get_applied(
+    /// [`Store::get`], with the log seq the answer rests on: the value's version, or for
+    /// an absent key a seq at or after the delete that removed it (which may be any entry
+    /// applied so far, as an absent key has no version of its own).
+    pub fn get_settled_at(
         &self,
         slot: Slot,
         key: &[u8],
     ) -> Result<(Option<(Position, Bytes)>, u64), StoreError> {
+        let settled_at = |found: Option<(Position, Bytes)>, applied: u64| {
+            let seq = found.as_ref().map_or(applied, |(version, _)| version.seq);
+            (found, seq)
+        };
         let layers = self.layers.read().unwrap();
         let applied = layers.active.state.last.seq;
         if let Seen::Here(found) = layers.key(key) {
-            return Ok((found, applied));
+            return Ok(settled_at(found, applied));
         }
         drop(layers);
         // No layer holds the key now, so redb has its latest value: the writer drops a
         // layer only after redb committed it, and after it staged its state.
         let txn = self.db.begin_read()?;
         let found = kv_get(&txn.open_table(KV)?, slot, key)?;
-        Ok((found, applied.max(self.staged().last.seq)))
+        if found.is_some() {
+            return Ok(settled_at(found, applied));
+        }
+        Ok(settled_at(found, applied.max(self.staged().last.seq)))
     }
 
     /// Reads log entries `from..=upto`, at most `max_entries` of them and at most
@@ -1116,6 +1123,19 @@ struct Layer {
     dirty: bool,
 }
 
+impl Layer {
+    /// Discards every key and log entry, here and beneath, keeping the epoch: a snapshot
+    /// install begins (`partial`), or one that never ended is given up.
+    fn wipe(&mut self, partial: bool) {
+        self.dirty = true;
+        self.kv.clear();
+        self.log.clear();
+        self.wiped = true;
+        self.snapshot_partial = Some(partial);
+        self.state = self.state.emptied();
+    }
+}
+
 /// The writer's layer, and the one before it while the flusher writes it to redb.
 struct Layers {
     active: Layer,
@@ -1416,7 +1436,7 @@ impl Writer {
 
     /// Applies a batch, makes it durable and answers its requests; returns the state.
     fn commit(&mut self, batch: Vec<Command>) -> LogState {
-        if self.installs.current.is_some() && batch.iter().any(|c| self.ends_install(c)) {
+        if self.installs.current.is_some() && self.ends_install(&batch) {
             self.abandon_install();
         }
         // Changes that are not in the write-ahead log (a snapshot's data) are made durable
@@ -1452,11 +1472,13 @@ impl Writer {
         state
     }
 
-    /// Whether `cmd` means the install under way will never end: entries from a leader
-    /// at its epoch or a newer one, streamed from its log instead.
-    fn ends_install(&self, cmd: &Command) -> bool {
-        matches!(cmd, Command::Append { epoch, .. }
-            if *epoch >= self.layers.read().unwrap().active.state.epoch)
+    /// Whether `batch` means the install under way will never end: entries from a
+    /// leader at its epoch or a newer one, streamed from its log instead.
+    fn ends_install(&self, batch: &[Command]) -> bool {
+        let current = self.layers.read().unwrap().active.state.epoch;
+        batch
+            .iter()
+            .any(|c| matches!(c, Command::Append { epoch, .. } if *epoch >= current))
     }
 
     /// Drops what an install that never ended (its sender died or was deposed) stored: the
@@ -1470,16 +1492,7 @@ impl Writer {
         self.installs.current = None;
         // Nothing frozen below: the wipe then covers everything.
         self.drain();
-        {
-            let mut layers = self.layers.write().unwrap();
-            let layer = &mut layers.active;
-            layer.dirty = true;
-            layer.kv.clear();
-            layer.log.clear();
-            layer.wiped = true;
-            layer.snapshot_partial = Some(false);
-            layer.state = layer.state.emptied();
-        }
+        self.layers.write().unwrap().active.wipe(false);
         self.drain();
     }
 
@@ -1526,12 +1539,7 @@ impl Writer {
                 Command::Trim { upto } => tx.trim(upto),
                 Command::SnapshotBegin { epoch, reply } => {
                     let r = tx.raise_epoch(epoch).map(|()| {
-                        let layer = tx.changed();
-                        layer.kv.clear();
-                        layer.log.clear();
-                        layer.wiped = true;
-                        layer.snapshot_partial = Some(true);
-                        layer.state = layer.state.emptied();
+                        tx.changed().wipe(true);
                         self.installs.begin(epoch)
                     });
                     replies.push(Reply::Epoch(reply, r));
