@@ -49,6 +49,9 @@ pub enum ClientError {
     /// No answer in time.
     #[error("request to {0} timed out")]
     Timeout(String),
+    /// The caller stopped waiting: the replica lost its leadership without answering.
+    #[error("{0} stopped leading its shard and did not answer")]
+    Abandoned(String),
     /// The peer answered with an error status.
     #[error("{addr} answered {status}: {body}")]
     Status {

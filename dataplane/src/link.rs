@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -373,6 +373,12 @@ struct Link {
     outbox: Arc<Outbox>,
     waiting: Mutex<HashMap<u32, oneshot::Sender<Response>>>,
     next_id: AtomicU32,
+    /// Set when the caller gave up on the node ([`Links::abandon`]) rather than the
+    /// connection failing: the requests it fails say so.
+    abandoned: AtomicBool,
+    /// The link's reader and writer tasks, ended when it is abandoned: a node that is
+    /// stopped or cut off would otherwise keep them waiting for good.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Link {
@@ -431,9 +437,15 @@ impl Links {
                 }
                 let answer = rx.await;
                 drop(waiting);
-                return answer.map_err(|_| ClientError::Transport {
-                    addr: addr.to_string(),
-                    message: "connection to the node closed before it answered".into(),
+                return answer.map_err(|_| {
+                    if link.abandoned.load(Ordering::Relaxed) {
+                        ClientError::Abandoned(addr.to_string())
+                    } else {
+                        ClientError::Transport {
+                            addr: addr.to_string(),
+                            message: "connection to the node closed before it answered".into(),
+                        }
+                    }
                 });
             }
             Err(ClientError::Connect {
@@ -444,6 +456,29 @@ impl Links {
         tokio::time::timeout(timeout, call)
             .await
             .map_err(|_| ClientError::Timeout(addr.to_string()))?
+    }
+
+    /// Gives up on the requests waiting for the node at `addr`, if any: the control
+    /// plane moved its leadership away and it has not answered them. They fail with
+    /// [`ClientError::Abandoned`], and the next request to `addr` opens a new connection.
+    /// Returns how many were waiting.
+    pub fn abandon(&self, addr: &str) -> usize {
+        let mut links = self.links.write().unwrap();
+        let waiting = links
+            .get(addr)
+            .map_or(0, |link| link.waiting.lock().unwrap().len());
+        if waiting == 0 {
+            // An idle link to a node that may now be a live follower is worth keeping.
+            return 0;
+        }
+        let link = links.remove(addr).expect("found above");
+        drop(links);
+        link.abandoned.store(true, Ordering::Relaxed);
+        link.fail_all();
+        for task in link.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+        waiting
     }
 
     async fn link(&self, addr: &str) -> Result<Arc<Link>, ClientError> {
@@ -473,10 +508,13 @@ impl Links {
             outbox: Outbox::new(),
             waiting: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(0),
+            abandoned: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
         });
         link.outbox.push(|out| out.put_slice(PREFACE));
-        tokio::spawn(link.outbox.clone().run(wr));
-        tokio::spawn(read_answers(link.clone(), rd, addr.to_string()));
+        let writer = tokio::spawn(link.outbox.clone().run(wr)).abort_handle();
+        let reader = tokio::spawn(read_answers(link.clone(), rd, addr.to_string())).abort_handle();
+        *link.tasks.lock().unwrap() = vec![writer, reader];
         let mut links = self.links.write().unwrap();
         // Nodes that moved leave closed links behind; drop them here, where a new one is
         // made anyway.
@@ -1043,6 +1081,45 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, ClientError::Timeout(_)), "{err:?}");
         assert!(nothing_waiting(&links, &addr));
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_node_fails_what_it_holds_and_the_next_request_reconnects() {
+        let (listener, addr) = bound().await;
+        // Takes the connection and never answers, like a stopped process; hands the
+        // listener back once the caller hung up, for a real node to take over the port.
+        let silent = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+            listener
+        });
+        let links = Arc::new(Links::default());
+        let held = tokio::spawn({
+            let (links, addr) = (links.clone(), addr.clone());
+            async move { links.send(&addr, get("/"), Duration::from_secs(30)).await }
+        });
+        while !links.links.read().unwrap().contains_key(&addr) || nothing_waiting(&links, &addr) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(links.abandon(&addr), 1);
+        let err = held.await.unwrap().unwrap_err();
+        assert!(matches!(err, ClientError::Abandoned(_)), "{err:?}");
+        // The connection was closed, not left to the silent peer.
+        let listener = tokio::time::timeout(Duration::from_secs(5), silent)
+            .await
+            .expect("the abandoned connection is closed")
+            .unwrap();
+        let app = axum::Router::new().fallback(|| async { "back" });
+        tokio::spawn(serve(listener, app, std::future::pending()));
+        let resp = links
+            .send(&addr, get("/"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(resp.body, "back");
+        // A link with nothing waiting is kept: its node may serve as a follower.
+        assert_eq!(links.abandon(&addr), 0);
+        assert_eq!(links.links.read().unwrap().len(), 1);
     }
 
     #[tokio::test]

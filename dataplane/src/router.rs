@@ -65,13 +65,21 @@ impl Routing {
         let index = *self.owner.get(usize::from(slot))?;
         self.topology.shards.get(index as usize)
     }
+
+    /// Whether the replica at `addr` leads a shard.
+    fn leads(&self, addr: &str) -> bool {
+        self.topology
+            .shards
+            .iter()
+            .any(|s| s.leader_address() == Some(addr))
+    }
 }
 
 /// A running router.
 pub struct Router {
     cfg: RouterConfig,
     routing: RwLock<Arc<Routing>>,
-    nodes: Links,
+    nodes: Arc<Links>,
     admin: AdminClient,
     metrics: Arc<Metrics>,
     next_replica: AtomicUsize,
@@ -79,6 +87,12 @@ pub struct Router {
 
 /// How long a follower may take over a stale read before the leader is asked instead.
 const STALE_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long requests held by a replica that lost its leadership are still waited for.
+/// A live one answers them within milliseconds (421, or `leadership_ended` for a write
+/// that was waiting on its followers); one that has not after this is stopped or cut
+/// off, and its requests would otherwise wait out the whole request timeout.
+const DEPOSED_GRACE: Duration = Duration::from_secs(1);
 
 /// Headers passed from client to node.
 const FORWARD_REQUEST: [HeaderName; 3] = [
@@ -94,7 +108,7 @@ impl Router {
     pub fn new(cfg: RouterConfig) -> Arc<Router> {
         let router = Arc::new(Router {
             routing: RwLock::new(Arc::new(Routing::new(Topology::default()).expect("empty"))),
-            nodes: Links::default(),
+            nodes: Arc::default(),
             admin: AdminClient::new(Duration::from_millis(500)),
             metrics: Metrics::new(metrics::Exporter::Router),
             next_replica: AtomicUsize::new(0),
@@ -107,17 +121,42 @@ impl Router {
     }
 
     /// Installs `topology` if it is newer than the one in use.
-    pub fn install(&self, topology: Topology) -> Result<bool, TopologyError> {
+    pub fn install(self: &Arc<Self>, topology: Topology) -> Result<bool, TopologyError> {
         let version = topology.version;
-        let routing = Routing::new(topology)?;
-        let mut current = self.routing.write().unwrap();
-        if version <= current.topology.version {
-            return Ok(false);
-        }
-        *current = Arc::new(routing);
+        let routing = Arc::new(Routing::new(topology)?);
+        let old = {
+            let mut current = self.routing.write().unwrap();
+            if version <= current.topology.version {
+                return Ok(false);
+            }
+            std::mem::replace(&mut *current, routing.clone())
+        };
         self.metrics.topology_version.set(version as i64);
         tracing::info!(version, "topology installed");
+        for shard in &old.topology.shards {
+            if let Some(addr) = shard.leader_address()
+                && !routing.leads(addr)
+            {
+                self.abandon_later(addr.to_owned());
+            }
+        }
         Ok(true)
+    }
+
+    /// After [`DEPOSED_GRACE`], fails what the replica at `addr` still holds, unless it
+    /// leads a shard again by then.
+    fn abandon_later(self: &Arc<Self>, addr: String) {
+        let router = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(DEPOSED_GRACE).await;
+            if router.routing().leads(&addr) {
+                return;
+            }
+            let n = router.nodes.abandon(&addr);
+            if n > 0 {
+                tracing::warn!(replica = %addr, requests = n, "gave up on requests held by a replica that lost its leadership");
+            }
+        });
     }
 
     /// The topology in use.
@@ -130,14 +169,14 @@ impl Router {
     }
 
     /// Reloads the topology file, if there is one (a leader moved).
-    async fn reload_file(&self) {
+    async fn reload_file(self: &Arc<Self>) {
         if let Some(path) = &self.cfg.topology_file {
             self.install_file(path, tokio::fs::read(path).await);
         }
     }
 
     /// Installs the topology read from the file at `path`, if it reads and is newer.
-    fn install_file(&self, path: &std::path::Path, read: std::io::Result<Vec<u8>>) {
+    fn install_file(self: &Arc<Self>, path: &std::path::Path, read: std::io::Result<Vec<u8>>) {
         let Ok(text) = read else {
             return;
         };
@@ -186,7 +225,7 @@ impl Router {
     /// read). A leader change answered by the node (421 or 409) or a refused connection
     /// makes it reload the topology and try once more.
     async fn forward(
-        &self,
+        self: &Arc<Self>,
         key: &[u8],
         method: Method,
         path_and_query: &str,
@@ -248,6 +287,12 @@ impl Router {
                 Ok(r) => return Ok(into_response(r, &method)),
                 // Nothing was sent on a refused connection, so even a write may go again.
                 Err(ClientError::Connect { .. }) if retry => {
+                    self.metrics.retries.inc();
+                    self.reload_file().await;
+                }
+                // A read that got no answer changes nothing, so it may go again: to the
+                // new leader when the old one was given up on.
+                Err(ClientError::Abandoned(_) | ClientError::Transport { .. }) if retry && read => {
                     self.metrics.retries.inc();
                     self.reload_file().await;
                 }

@@ -268,6 +268,50 @@ async fn stopped_leader_is_replaced_and_serves_nothing_stale() {
 /// Stale reads while a follower is stopped: each is answered, by the follower while it
 /// works and by the leader once it does not, well within the router's 10 s forwarding
 /// timeout; none waits on the stopped replica for long.
+/// Requests a leader holds when it is stopped end with the failover, not at the router's
+/// request timeout (10 s): the read is answered by the new leader, the write is a 503
+/// that says its outcome is unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_held_by_a_stopped_leader_end_with_the_failover() {
+    let http = Http::default();
+    let (pg, key, (leader, _)) = shard0_holding(&http, "held", "before").await;
+    let old = node(&pg.info().nodes, &leader).clone();
+    signal(old.pid, libc::SIGSTOP);
+    // Sent at once, so they reach the stopped leader: its lease alone outlasts this.
+    let path = format!("/v1/kv/{key}");
+    let read = tokio::spawn({
+        let (http, router, path) = (http.clone(), pg.router.clone(), path.clone());
+        async move { http.get(&router, &path).await }
+    });
+    let write = tokio::spawn({
+        let (http, router) = (http.clone(), pg.router.clone());
+        async move { http.req(Method::PUT, &router, &path, &[], "during").await }
+    });
+    let (read, write) = (read.await.unwrap(), write.await.unwrap());
+    signal(old.pid, libc::SIGCONT);
+    let text = |r: &dataplane::client::Response| String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!((read.status.as_u16(), text(&read)), (200, "before".into()));
+    assert_eq!(
+        (write.status.as_u16(), error_code(&write)),
+        (503, "upstream_unavailable".into()),
+        "{}",
+        text(&write)
+    );
+    let message = json(&write)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("stopped leading") && message.contains("outcome is unknown"),
+        "{message}"
+    );
+    // The write never reached beyond the stopped leader's socket: nothing changed.
+    assert_eq!(
+        http.get(&pg.router, &format!("/v1/kv/{key}")).await.body,
+        "before"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_reads_skip_a_stopped_follower() {
     let http = Http::default();
