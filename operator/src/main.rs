@@ -124,7 +124,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let nodes = Arc::new(dataplane::client::AdminClient::new(Duration::from_millis(
         args.node_timeout_ms,
     )));
-    let ctx = Arc::new(Context::new(
+    let ctx = Context::new(
         client,
         nodes.clone(),
         nodes,
@@ -133,7 +133,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             instance: Some(identity),
         },
         metrics.clone(),
-    ));
+    );
     let namespace = (!args.watch_namespace.is_empty()).then_some(args.watch_namespace);
     info!(
         namespace = namespace.as_deref().unwrap_or("<all>"),

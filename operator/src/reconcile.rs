@@ -17,8 +17,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -37,6 +37,8 @@ use crate::validate::validate;
 pub const FIELD_MANAGER: &str = "distkv-operator";
 /// Objects are re-applied at least this often even when unchanged, to undo manual drift.
 const REAPPLY_EVERY: Duration = Duration::from_secs(60);
+/// How long a round waits for the pod cache's first list before listing pods itself.
+const POD_CACHE_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a reconcile round failed; the controller retries with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +101,8 @@ pub struct Context {
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Control loop timing.
     pub tuning: Tuning,
+    /// The operator's pods, kept by its pod watch; without it every round lists them.
+    pods: Option<Store<Pod>>,
     memory: Mutex<HashMap<String, Memory>>,
 }
 
@@ -120,8 +124,16 @@ impl Context {
             metrics,
             clock: Arc::new(move || start.elapsed().as_millis() as u64),
             tuning: Tuning::default(),
+            pods: None,
             memory: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Reads pods from `store`, which the operator's pod watch keeps current, instead of
+    /// listing them from the API server every round.
+    pub fn with_pod_cache(mut self, store: Store<Pod>) -> Self {
+        self.pods = Some(store);
+        self
     }
 
     /// Replaces the clock (tests drive time by hand).
@@ -257,25 +269,8 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
         }
     }
 
-    // Observe pods and replicas; with the API server unreachable, the last pods seen.
-    let listed = Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
-        .list(&ListParams::default().labels(&format!(
-            "app.kubernetes.io/name=distkv,app.kubernetes.io/instance={name}"
-        )))
-        .await;
-    let pods: Vec<Pod> = match listed {
-        Ok(list) => {
-            ctx.memory(&key, |m| m.pods = Some(list.items.clone()));
-            list.items
-        }
-        Err(e) => match ctx.memory(&key, |m| m.pods.clone()) {
-            Some(pods) => {
-                api_error.get_or_insert(e.into());
-                pods
-            }
-            None => return Err(e.into()),
-        },
-    };
+    // Observe pods and replicas.
+    let pods = cluster_pods(&ctx, &key, &namespace, &name, &mut api_error).await?;
     let nodes = observe::node_pods(&name, &namespace, &pods);
     let statuses = fetch_statuses(ctx.observer.as_ref(), &nodes).await;
 
@@ -390,6 +385,54 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
         .with_label_values(&[name.as_str()])
         .observe(started.elapsed().as_secs_f64());
     Ok(Action::requeue(requeue_after(cspec.lease_ms)))
+}
+
+/// The cluster's pods: from the pod cache once it has been filled, else listed, else
+/// (API server unreachable) the last ones listed, with the error kept in `api_error`.
+async fn cluster_pods(
+    ctx: &Context,
+    key: &str,
+    namespace: &str,
+    name: &str,
+    api_error: &mut Option<Error>,
+) -> Result<Vec<Pod>, Error> {
+    if let Some(store) = &ctx.pods {
+        // Before its first list the cache is empty, which would read as every pod gone.
+        let ready = tokio::time::timeout(POD_CACHE_WAIT, store.wait_until_ready()).await;
+        if matches!(ready, Ok(Ok(()))) {
+            let ours = |pod: &Pod| {
+                let labels = pod.labels();
+                pod.namespace().as_deref() == Some(namespace)
+                    && labels.get("app.kubernetes.io/name").map(String::as_str) == Some("distkv")
+                    && labels.get("app.kubernetes.io/instance").map(String::as_str) == Some(name)
+            };
+            return Ok(store
+                .state()
+                .into_iter()
+                .filter(|pod| ours(pod))
+                .map(Arc::unwrap_or_clone)
+                .collect());
+        }
+        warn!(%namespace, %name, "the pod cache is not filled; listing pods");
+    }
+    let listed = Api::<Pod>::namespaced(ctx.client.clone(), namespace)
+        .list(&ListParams::default().labels(&format!(
+            "app.kubernetes.io/name=distkv,app.kubernetes.io/instance={name}"
+        )))
+        .await;
+    match listed {
+        Ok(list) => {
+            ctx.memory(key, |m| m.pods = Some(list.items.clone()));
+            Ok(list.items)
+        }
+        Err(e) => match ctx.memory(key, |m| m.pods.clone()) {
+            Some(pods) => {
+                api_error.get_or_insert(e.into());
+                Ok(pods)
+            }
+            None => Err(e.into()),
+        },
+    }
 }
 
 /// Undoes in `next` the changes of every shard that a new operator, reading `recorded`,
@@ -712,7 +755,7 @@ async fn publish(
 /// Runs the controller until the process ends: KvClusters and their pods trigger
 /// reconciles. The operator's own status writes trigger one more round, which finds the
 /// status unchanged (it holds nothing clock-dependent) and writes nothing.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+pub async fn run(ctx: Context, namespace: Option<String>) {
     let client = ctx.client.clone();
     let (clusters, pods): (Api<KvCluster>, Api<Pod>) = match &namespace {
         Some(ns) => (
@@ -723,11 +766,17 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     };
     let pod_config = watcher::Config::default()
         .labels("app.kubernetes.io/name=distkv,app.kubernetes.io/managed-by=distkv-operator");
+    // One pod watch both triggers rounds and keeps the cache every round reads pods from.
+    let (pod_cache, pod_writer) = reflector::store();
+    let pod_events = reflector::reflector(pod_writer, watcher(pods, pod_config))
+        .default_backoff()
+        .touched_objects();
+    let ctx = Arc::new(ctx.with_pod_cache(pod_cache));
     let controller = Controller::new(clusters, watcher::Config::default().any_semantic());
     let known = controller.store();
     let forget = ctx.clone();
     controller
-        .watches(pods, pod_config, |pod: Pod| {
+        .watches_stream(pod_events, |pod: Pod| {
             let ns = pod.namespace()?;
             let instance = pod.labels().get("app.kubernetes.io/instance")?.clone();
             Some(ObjectRef::<KvCluster>::new(&instance).within(&ns))

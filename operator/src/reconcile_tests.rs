@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::Method;
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::Reporter;
+use kube::runtime::{reflector, watcher};
 use serde_json::Value;
 
 use crate::crd::KvCluster;
@@ -26,52 +28,39 @@ struct Harness {
 
 impl Harness {
     fn new(spec_yaml: &str) -> Harness {
-        let api = FakeApi::default();
-        let nodes = FakeNodes::default();
-        let clock = Arc::new(AtomicU64::new(1_000));
-        let c = clock.clone();
-        let ctx = Context::new(
-            api.client(),
-            Arc::new(nodes.clone()),
-            Arc::new(nodes.clone()),
-            Reporter {
-                controller: "distkv-operator".into(),
-                instance: None,
-            },
-            Metrics::new(),
-        )
-        .with_clock(Arc::new(move || c.load(Ordering::SeqCst)));
         let mut kvc = crate::builders::test_support::cluster(spec_yaml);
         kvc.metadata.generation = Some(1);
+        let (api, nodes) = (FakeApi::default(), FakeNodes::default());
+        let clock = Arc::new(AtomicU64::new(1_000));
         Harness {
+            ctx: Arc::new(operator(&api, &nodes, &clock, None)),
             api,
             nodes,
-            ctx: Arc::new(ctx),
             clock,
             kvc,
         }
     }
 
+    /// An operator's context over this harness's API server, replicas and clock, with
+    /// nothing in memory.
+    fn context(&self, instance: Option<&str>) -> Context {
+        operator(&self.api, &self.nodes, &self.clock, instance)
+    }
+
     /// A new operator process (a restart, or another replica winning the Lease): same
     /// API server and replicas, nothing in memory.
     fn restart_operator(&mut self) {
-        let c = self.clock.clone();
-        let ctx = Context::new(
-            self.api.client(),
-            Arc::new(self.nodes.clone()),
-            Arc::new(self.nodes.clone()),
-            Reporter {
-                controller: "distkv-operator".into(),
-                instance: Some("second".into()),
-            },
-            Metrics::new(),
-        )
-        .with_clock(Arc::new(move || c.load(Ordering::SeqCst)));
-        self.ctx = Arc::new(ctx);
+        self.ctx = Arc::new(self.context(Some("second")));
     }
 
     /// Pods for every replica (all ready) and two ready routers; replicas answer.
     fn start_pods(&self) {
+        self.api.set_pods(self.ready_pods());
+    }
+
+    /// Pods for every replica (all ready) and two ready routers, and replicas that
+    /// answer, for the caller to place.
+    fn ready_pods(&self) -> Vec<Pod> {
         let mut pods = Vec::new();
         for shard in 0..self.kvc.spec.shards {
             for ordinal in 0..self.kvc.spec.replicas_per_shard {
@@ -82,7 +71,7 @@ impl Harness {
         }
         pods.push(test_pods::router(1, true));
         pods.push(test_pods::router(2, true));
-        self.api.set_pods(pods);
+        pods
     }
 
     /// One reconcile round after `advance_ms`; the resource then carries the status the
@@ -121,6 +110,27 @@ impl Harness {
             .map(|r| (r.path, r.body))
             .collect()
     }
+}
+
+/// An operator process: its context over `api`, `nodes` and `clock`, nothing in memory.
+fn operator(
+    api: &FakeApi,
+    nodes: &FakeNodes,
+    clock: &Arc<AtomicU64>,
+    instance: Option<&str>,
+) -> Context {
+    let c = clock.clone();
+    Context::new(
+        api.client(),
+        Arc::new(nodes.clone()),
+        Arc::new(nodes.clone()),
+        Reporter {
+            controller: "distkv-operator".into(),
+            instance: instance.map(str::to_owned),
+        },
+        Metrics::new(),
+    )
+    .with_clock(Arc::new(move || c.load(Ordering::SeqCst)))
 }
 
 fn address(shard: u32, ordinal: u32) -> String {
@@ -569,4 +579,72 @@ async fn a_deleted_kvcluster_is_forgotten() {
     // Deleted in the background: no other reconcile comes for it.
     h.ctx.forget_all_but(["uid-of-another-cluster"]);
     assert!(h.ctx.remembered().is_empty());
+}
+
+/// A pod cache filled with `pods` as the pod watch's first list fills it.
+fn filled_cache(pods: Vec<Pod>) -> (reflector::Store<Pod>, reflector::store::Writer<Pod>) {
+    let (store, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for pod in pods {
+        writer.apply_watcher_event(&watcher::Event::InitApply(pod));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    (store, writer)
+}
+
+#[tokio::test]
+async fn pods_are_read_from_the_watch_cache_instead_of_listed_every_round() {
+    let mut h = Harness::new("  shards: 2\n  replicasPerShard: 2\n");
+    let mut pods = h.ready_pods();
+    // Routers of another cluster, and of a same-named cluster in another namespace, share
+    // the operator's cache: they are not this cluster's.
+    let mut other = test_pods::router(3, true);
+    other
+        .metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("app.kubernetes.io/instance".into(), "other".into());
+    let mut elsewhere = test_pods::router(4, true);
+    elsewhere.metadata.namespace = Some("elsewhere".into());
+    pods.extend([other, elsewhere]);
+    let (cache, _writer) = filled_cache(pods);
+    h.ctx = Arc::new(h.context(None).with_pod_cache(cache));
+    // The API server lists no pods at all: what the operator sees comes from its cache.
+    h.round(0).await;
+    h.round(1000).await;
+
+    assert_eq!(h.status().leaders.as_deref(), Some("2/2"));
+    assert_eq!(h.status().ready.as_deref(), Some("4/4"));
+    let listed: Vec<_> = h
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == Method::GET && r.path.ends_with("/pods"))
+        .collect();
+    assert!(listed.is_empty(), "{listed:?}");
+    let mut pushed: Vec<String> = h.nodes.pushes().into_iter().map(|(a, _)| a).collect();
+    pushed.sort();
+    pushed.dedup();
+    assert_eq!(pushed, ["10.1.0.1:8081", "10.1.0.2:8081"]);
+}
+
+#[tokio::test]
+async fn without_a_filled_pod_cache_pods_are_listed() {
+    let mut h = Harness::new("  shards: 2\n  replicasPerShard: 2\n");
+    h.start_pods();
+    // A cache whose watch ended before its first list: it will never be filled.
+    let (cache, writer) = reflector::store::<Pod>();
+    drop(writer);
+    h.ctx = Arc::new(h.context(None).with_pod_cache(cache));
+    h.round(0).await;
+    h.round(1000).await;
+
+    assert_eq!(h.status().leaders.as_deref(), Some("2/2"));
+    assert!(
+        h.api
+            .requests()
+            .iter()
+            .any(|r| r.method == Method::GET && r.path.ends_with("/pods"))
+    );
 }
