@@ -254,9 +254,11 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
     let mut recorded = state.clone();
 
     // Build and apply (valid spec only).
-    let mut sizes: Vec<u32> = Vec::new();
+    let mut holds = Vec::new();
     if let (None, Some(state)) = (&invalid, state.as_mut()) {
-        sizes = scale::statefulset_sizes(state, kvc.spec.shards, kvc.spec.replicas_per_shard);
+        let desired = kvc.spec.replicas_per_shard;
+        holds = scale::holds(state, kvc.spec.shards, desired, cspec.min_in_sync);
+        let sizes = scale::statefulset_sizes(&holds, desired);
         if scale::resize(state, &sizes) {
             info!(%namespace, %name, ?sizes, "replica counts changed");
         }
@@ -307,7 +309,7 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
         nodes: &nodes,
         statuses: &statuses,
         ready_routers: observe::ready_routers(&pods),
-        sizes: &sizes,
+        holds: &holds,
         control: state.as_ref().map(status::persisted_control),
     };
     let new_status = status::compute(

@@ -403,6 +403,36 @@ async fn scale_down_removes_followers_but_never_a_leader() {
 }
 
 #[tokio::test]
+async fn scale_down_waits_while_it_would_take_the_in_sync_set_below_min_in_sync() {
+    let mut h = Harness::new("  shards: 1\n  replicasPerShard: 3\n  replication: {minInSync: 2}\n");
+    h.start_pods();
+    h.round(0).await;
+    h.round(1000).await;
+    // r1 stops answering and leaves the in-sync set; r0 (leader) and r2 remain.
+    h.nodes.take_down(&address(0, 1));
+    for _ in 0..6 {
+        h.round(1000).await;
+    }
+    assert_eq!(h.status().shards[0].in_sync, ["s0-r0", "s0-r2"]);
+
+    // Down to 2 would remove r2 and leave the leader alone in the set: writes would stop.
+    h.kvc.spec.replicas_per_shard = 2;
+    h.kvc.metadata.generation = Some(2);
+    h.round(1000).await;
+    let replicas = h
+        .api
+        .object("/apis/apps/v1/namespaces/kv/statefulsets/demo-s0")
+        .unwrap()["spec"]["replicas"]
+        .as_i64();
+    assert_eq!(replicas, Some(3));
+    assert_eq!(
+        h.condition("Progressing"),
+        ("True".into(), "ScaleDownWaitingForInSync".into())
+    );
+    assert_eq!(h.status().shards[0].in_sync, ["s0-r0", "s0-r2"]);
+}
+
+#[tokio::test]
 async fn a_new_operator_carries_on_from_the_status() {
     let mut h = Harness::new("  shards: 1\n  replicasPerShard: 3\n  replication: {minInSync: 2}\n");
     h.start_pods();

@@ -4,6 +4,10 @@
 //! A StatefulSet always removes its highest ordinals, so scaling down must not cut below a
 //! shard's leader: that shard keeps `leader ordinal + 1` pods until leadership moves to a
 //! lower ordinal (a failover). Followers are removed; a leader never is.
+//!
+//! Nor may it take the in-sync set below `minInSync` while lower ordinals are still
+//! catching up: writes would stop until they do. The shard keeps the in-sync pods it
+//! needs until enough of the replicas it keeps are in sync.
 
 use dataplane::control::{ControlState, parse_replica_id, replica_id};
 use dataplane::topology::{ReplicaInfo, Role};
@@ -13,23 +17,62 @@ pub fn ordinal(replica: &str) -> Option<u32> {
     parse_replica_id(replica).map(|(_, ordinal)| ordinal)
 }
 
-/// StatefulSet size per shard: `desired`, or more while the shard's leader sits on an
-/// ordinal at or above it.
-pub fn statefulset_sizes(state: &ControlState, shards: u32, desired: u32) -> Vec<u32> {
+/// Why a shard keeps more pods than `replicasPerShard` asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Its leader sits on an ordinal at or above the size asked.
+    Leader,
+    /// Fewer than this many of the replicas it would keep are in sync.
+    InSync(usize),
+}
+
+/// The size `shard` keeps instead of `desired`, and why; `None` when it can shrink (or
+/// grow) to `desired` now.
+pub fn hold(
+    state: &ControlState,
+    shard: u32,
+    desired: u32,
+    min_in_sync: u32,
+) -> Option<(u32, Hold)> {
+    let topology = state.topology.shards.iter().find(|s| s.id == shard)?;
+    if let Some(leader) = topology.leader.as_deref().and_then(ordinal)
+        && leader >= desired
+    {
+        return Some((leader + 1, Hold::Leader));
+    }
+    let mut in_sync: Vec<u32> = state
+        .shards
+        .iter()
+        .find(|c| c.shard == shard)
+        .map(|c| c.in_sync.iter().filter_map(|id| ordinal(id)).collect())
+        .unwrap_or_default();
+    in_sync.sort_unstable();
+    // A set already below minInSync is not held to it: only kept from shrinking further.
+    let needed = (min_in_sync as usize).min(in_sync.len());
+    if in_sync.iter().filter(|&&o| o < desired).count() >= needed {
+        return None;
+    }
+    // Fewer than `needed` in-sync ordinals lie below `desired`, so this one is above it.
+    Some((in_sync[needed - 1] + 1, Hold::InSync(needed)))
+}
+
+/// [`hold`] of every shard.
+pub fn holds(
+    state: &ControlState,
+    shards: u32,
+    desired: u32,
+    min_in_sync: u32,
+) -> Vec<Option<(u32, Hold)>> {
     (0..shards)
-        .map(|shard| {
-            let leader = state
-                .topology
-                .shards
-                .iter()
-                .find(|s| s.id == shard)
-                .and_then(|s| s.leader.as_deref())
-                .and_then(ordinal);
-            match leader {
-                Some(ord) if ord >= desired => ord + 1,
-                _ => desired,
-            }
-        })
+        .map(|shard| hold(state, shard, desired, min_in_sync))
+        .collect()
+}
+
+/// StatefulSet size per shard: `desired`, or more while the shard is held back.
+pub fn statefulset_sizes(holds: &[Option<(u32, Hold)>], desired: u32) -> Vec<u32> {
+    holds
+        .iter()
+        .map(|h| h.map_or(desired, |(size, _)| size))
         .collect()
 }
 
@@ -134,7 +177,7 @@ mod tests {
         let mut s = state(1, 3);
         s.topology.shards[0].leader = Some("s0-r0".into());
         s.shards[0].in_sync = vec!["s0-r0".into(), "s0-r1".into(), "s0-r2".into()];
-        let sizes = statefulset_sizes(&s, 1, 2);
+        let sizes = statefulset_sizes(&holds(&s, 1, 2, 2), 2);
         assert_eq!(sizes, [2]);
         assert!(resize(&mut s, &sizes));
         assert_eq!(ids(&s, 0), ["s0-r0", "s0-r1"]);
@@ -146,13 +189,45 @@ mod tests {
         let mut s = state(2, 3);
         s.topology.shards[0].leader = Some("s0-r2".into());
         s.topology.shards[1].leader = Some("s1-r0".into());
-        let sizes = statefulset_sizes(&s, 2, 1);
+        let sizes = statefulset_sizes(&holds(&s, 2, 1, 1), 1);
         assert_eq!(sizes, [3, 1], "shard 0 keeps its leader's ordinal");
+        assert_eq!(hold(&s, 0, 1, 1), Some((3, Hold::Leader)));
         resize(&mut s, &sizes);
         assert!(ids(&s, 0).contains(&"s0-r2".to_string()));
         assert_eq!(ids(&s, 1), ["s1-r0"]);
         // Even if asked directly for fewer, the leader stays in the topology.
         resize(&mut s, &[1, 1]);
         assert_eq!(ids(&s, 0), ["s0-r0", "s0-r2"]);
+    }
+
+    #[test]
+    fn scale_down_keeps_the_in_sync_replicas_min_in_sync_needs() {
+        // 4 replicas, minInSync 2, down to 2: r1 is still catching up, r2 and r3 are in
+        // sync. Removing r2 and r3 would leave the leader alone in the set.
+        let mut s = state(1, 4);
+        s.topology.shards[0].leader = Some("s0-r0".into());
+        s.shards[0].in_sync = vec!["s0-r0".into(), "s0-r2".into(), "s0-r3".into()];
+        assert_eq!(hold(&s, 0, 2, 2), Some((3, Hold::InSync(2))));
+        assert_eq!(statefulset_sizes(&holds(&s, 1, 2, 2), 2), [3]);
+        resize(&mut s, &[3]);
+        assert_eq!(s.shards[0].in_sync, ["s0-r0", "s0-r2"], "still two in sync");
+        // Once r1 has caught up, the shard goes down to the size asked.
+        s.shards[0].in_sync.push("s0-r1".into());
+        assert_eq!(hold(&s, 0, 2, 2), None);
+        assert_eq!(statefulset_sizes(&holds(&s, 1, 2, 2), 2), [2]);
+        // minInSync 1 asks only for the leader, which is always kept.
+        s.shards[0].in_sync = vec!["s0-r0".into(), "s0-r3".into()];
+        assert_eq!(hold(&s, 0, 2, 1), None);
+    }
+
+    #[test]
+    fn a_set_already_below_min_in_sync_is_only_kept_from_shrinking() {
+        let mut s = state(1, 3);
+        s.topology.shards[0].leader = Some("s0-r0".into());
+        s.shards[0].in_sync = vec!["s0-r0".into(), "s0-r2".into()];
+        // minInSync 3 cannot be met by 2 members: keep both of them, no more.
+        assert_eq!(hold(&s, 0, 1, 3), Some((3, Hold::InSync(2))));
+        s.shards[0].in_sync = vec!["s0-r0".into()];
+        assert_eq!(hold(&s, 0, 1, 3), None);
     }
 }

@@ -8,6 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{KvCluster, KvClusterStatus, ReplicaStatus, ShardStatus};
 use crate::observe::NodePod;
+use crate::scale::Hold;
 use crate::validate::InvalidSpec;
 
 /// Condition: every shard has a serving leader and at least one router is ready.
@@ -31,8 +32,8 @@ pub struct StatusInput<'a> {
     pub statuses: &'a HashMap<String, NodeStatus>,
     /// Ready router pods.
     pub ready_routers: usize,
-    /// StatefulSet size per shard (above the spec while a leader blocks a scale-down).
-    pub sizes: &'a [u32],
+    /// Per shard, the size it keeps above the spec and why, while a scale-down waits.
+    pub holds: &'a [Option<(u32, Hold)>],
     /// The persisted form of the control state.
     pub control: Option<serde_json::Value>,
 }
@@ -144,18 +145,30 @@ pub fn compute(input: &StatusInput<'_>, now: Time) -> KvClusterStatus {
         )
     };
 
-    let held: Vec<String> = input
-        .sizes
-        .iter()
-        .enumerate()
-        .filter(|&(_, &size)| size > spec.replicas_per_shard)
-        .map(|(shard, size)| {
-            format!(
+    let holds = || {
+        input
+            .holds
+            .iter()
+            .enumerate()
+            .filter_map(|(shard, h)| h.map(|(size, why)| (shard, size, why)))
+    };
+    let held: Vec<String> = holds()
+        .map(|(shard, size, why)| match why {
+            Hold::Leader => format!(
                 "shard {shard} keeps {size} replicas until its leader moves below ordinal {}",
                 spec.replicas_per_shard
-            )
+            ),
+            Hold::InSync(needed) => format!(
+                "shard {shard} keeps {size} replicas until {needed} of its first {} are in sync",
+                spec.replicas_per_shard
+            ),
         })
         .collect();
+    let held_reason = if holds().any(|(_, _, why)| why == Hold::Leader) {
+        "ScaleDownWaitingForLeader"
+    } else {
+        "ScaleDownWaitingForInSync"
+    };
     let progressing_cond = if input.invalid.is_some() {
         cond(
             PROGRESSING,
@@ -164,12 +177,7 @@ pub fn compute(input: &StatusInput<'_>, now: Time) -> KvClusterStatus {
             "the current spec is not applied".to_string(),
         )
     } else if !held.is_empty() {
-        cond(
-            PROGRESSING,
-            true,
-            "ScaleDownWaitingForLeader",
-            held.join("; "),
-        )
+        cond(PROGRESSING, true, held_reason, held.join("; "))
     } else if ready_nodes < desired_total || (input.ready_routers as i32) < spec.router.replicas {
         cond(
             PROGRESSING,
@@ -322,7 +330,7 @@ mod tests {
                 nodes: &[],
                 statuses: &statuses,
                 ready_routers: 0,
-                sizes: &[2, 2],
+                holds: &[None, None],
                 control: None,
             },
             t(100),
@@ -360,7 +368,7 @@ mod tests {
                 nodes: &[],
                 statuses,
                 ready_routers: 0,
-                sizes: &[2, 2],
+                holds: &[None, None],
                 control: None,
             }
         }
@@ -389,7 +397,7 @@ mod tests {
                 nodes: &[],
                 statuses: &statuses,
                 ready_routers: 0,
-                sizes: &[],
+                holds: &[],
                 control: None,
             },
             t(1),
