@@ -35,11 +35,11 @@ pub fn hold(
     min_in_sync: u32,
 ) -> Option<(u32, Hold)> {
     let topology = state.topology.shards.iter().find(|s| s.id == shard)?;
-    if let Some(leader) = topology.leader.as_deref().and_then(ordinal)
-        && leader >= desired
-    {
-        return Some((leader + 1, Hold::Leader));
-    }
+    let for_leader = topology
+        .leader
+        .as_deref()
+        .and_then(ordinal)
+        .map(|leader| (leader + 1, Hold::Leader));
     let mut in_sync: Vec<u32> = state
         .shards
         .iter()
@@ -49,11 +49,15 @@ pub fn hold(
     in_sync.sort_unstable();
     // A set already below minInSync is not held to it: only kept from shrinking further.
     let needed = (min_in_sync as usize).min(in_sync.len());
-    if in_sync.iter().filter(|&&o| o < desired).count() >= needed {
-        return None;
-    }
-    // Fewer than `needed` in-sync ordinals lie below `desired`, so this one is above it.
-    Some((in_sync[needed - 1] + 1, Hold::InSync(needed)))
+    // The fewest pods that keep `needed` in-sync members: up to the needed-th lowest.
+    let for_in_sync = needed
+        .checked_sub(1)
+        .map(|i| (in_sync[i] + 1, Hold::InSync(needed)));
+    [for_leader, for_in_sync]
+        .into_iter()
+        .flatten()
+        .filter(|&(size, _)| size > desired)
+        .max_by_key(|&(size, why)| (size, why == Hold::Leader))
 }
 
 /// [`hold`] of every shard.
@@ -229,5 +233,18 @@ mod tests {
         assert_eq!(hold(&s, 0, 1, 3), Some((3, Hold::InSync(2))));
         s.shards[0].in_sync = vec!["s0-r0".into()];
         assert_eq!(hold(&s, 0, 1, 3), None);
+    }
+
+    #[test]
+    fn the_larger_of_both_holds_wins() {
+        let mut s = state(1, 4);
+        // The leader on r1 alone would keep 2 pods; its in-sync partner r3 needs 4.
+        s.topology.shards[0].leader = Some("s0-r1".into());
+        s.shards[0].in_sync = vec!["s0-r1".into(), "s0-r3".into()];
+        assert_eq!(hold(&s, 0, 1, 2), Some((4, Hold::InSync(2))));
+        assert_eq!(hold(&s, 0, 1, 1), Some((2, Hold::Leader)));
+        // On the same pod count, the leader is the reason given.
+        s.shards[0].in_sync = vec!["s0-r0".into(), "s0-r1".into()];
+        assert_eq!(hold(&s, 0, 1, 2), Some((2, Hold::Leader)));
     }
 }
