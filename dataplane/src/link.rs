@@ -943,6 +943,18 @@ mod tests {
             .is_empty()
     }
 
+    /// Serves a real node on `listener` (the port of one that broke or was given up on)
+    /// and checks that `links` reaches it: the old link was replaced.
+    async fn reaches_a_new_node(links: &Links, addr: &str, listener: TcpListener) {
+        let app = axum::Router::new().fallback(|| async { "back" });
+        tokio::spawn(serve(listener, app, std::future::pending()));
+        let resp = links
+            .send(addr, get("/"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(resp.body, "back");
+    }
+
     /// Established connections the listener at `addr` holds, read from /proc/net/tcp.
     fn echo_connections(addr: &str) -> usize {
         let port = addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
@@ -1057,13 +1069,7 @@ mod tests {
         assert!(nothing_waiting(&links, &addr));
         // A real node on the same port now: the broken link is replaced.
         let listener = node.await.unwrap();
-        let app = axum::Router::new().fallback(|| async { "back" });
-        tokio::spawn(serve(listener, app, std::future::pending()));
-        let resp = links
-            .send(&addr, get("/"), Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!(resp.body, "back");
+        reaches_a_new_node(&links, &addr, listener).await;
     }
 
     #[tokio::test]
@@ -1110,13 +1116,7 @@ mod tests {
             .await
             .expect("the abandoned connection is closed")
             .unwrap();
-        let app = axum::Router::new().fallback(|| async { "back" });
-        tokio::spawn(serve(listener, app, std::future::pending()));
-        let resp = links
-            .send(&addr, get("/"), Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!(resp.body, "back");
+        reaches_a_new_node(&links, &addr, listener).await;
         // A link with nothing waiting is kept: its node may serve as a follower.
         assert_eq!(links.abandon(&addr), 0);
         assert_eq!(links.links.read().unwrap().len(), 1);

@@ -79,7 +79,7 @@ impl Routing {
 pub struct Router {
     cfg: RouterConfig,
     routing: RwLock<Arc<Routing>>,
-    nodes: Arc<Links>,
+    nodes: Links,
     admin: AdminClient,
     metrics: Arc<Metrics>,
     next_replica: AtomicUsize,
@@ -108,7 +108,7 @@ impl Router {
     pub fn new(cfg: RouterConfig) -> Arc<Router> {
         let router = Arc::new(Router {
             routing: RwLock::new(Arc::new(Routing::new(Topology::default()).expect("empty"))),
-            nodes: Arc::default(),
+            nodes: Links::default(),
             admin: AdminClient::new(Duration::from_millis(500)),
             metrics: Metrics::new(metrics::Exporter::Router),
             next_replica: AtomicUsize::new(0),

@@ -277,6 +277,7 @@ async fn requests_held_by_a_stopped_leader_end_with_the_failover() {
     let (pg, key, (leader, _)) = shard0_holding(&http, "held", "before").await;
     let old = node(&pg.info().nodes, &leader).clone();
     signal(old.pid, libc::SIGSTOP);
+    let t = Instant::now();
     // Sent at once, so they reach the stopped leader: its lease alone outlasts this.
     let path = format!("/v1/kv/{key}");
     let read = tokio::spawn({
@@ -288,6 +289,10 @@ async fn requests_held_by_a_stopped_leader_end_with_the_failover() {
         async move { http.req(Method::PUT, &router, &path, &[], "during").await }
     });
     let (read, write) = (read.await.unwrap(), write.await.unwrap());
+    println!(
+        "the held requests ended {:?} after the leader stopped",
+        t.elapsed()
+    );
     signal(old.pid, libc::SIGCONT);
     let text = |r: &dataplane::client::Response| String::from_utf8_lossy(&r.body).into_owned();
     assert_eq!((read.status.as_u16(), text(&read)), (200, "before".into()));

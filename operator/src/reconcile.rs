@@ -11,8 +11,8 @@ use dataplane::control::{
 };
 use dataplane::topology::Topology;
 use dataplane::wire::NodeStatus;
-use futures::StreamExt;
 use futures::future::join_all;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -37,8 +37,6 @@ use crate::validate::validate;
 pub const FIELD_MANAGER: &str = "distkv-operator";
 /// Objects are re-applied at least this often even when unchanged, to undo manual drift.
 const REAPPLY_EVERY: Duration = Duration::from_secs(60);
-/// How long a round waits for the pod cache's first list before listing pods itself.
-const POD_CACHE_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a reconcile round failed; the controller retries with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -399,9 +397,9 @@ async fn cluster_pods(
     api_error: &mut Option<Error>,
 ) -> Result<Vec<Pod>, Error> {
     if let Some(store) = &ctx.pods {
-        // Before its first list the cache is empty, which would read as every pod gone.
-        let ready = tokio::time::timeout(POD_CACHE_WAIT, store.wait_until_ready()).await;
-        if matches!(ready, Ok(Ok(()))) {
+        // Before its first list the cache is empty, which would read as every pod gone; a
+        // round does not wait for it either, since the round also renews leader leases.
+        if let Some(Ok(())) = store.wait_until_ready().now_or_never() {
             let ours = |pod: &Pod| {
                 let labels = pod.labels();
                 pod.namespace().as_deref() == Some(namespace)
@@ -415,7 +413,7 @@ async fn cluster_pods(
                 .map(Arc::unwrap_or_clone)
                 .collect());
         }
-        warn!(%namespace, %name, "the pod cache is not filled; listing pods");
+        debug!(%namespace, %name, "the pod cache is not filled yet; listing pods");
     }
     let listed = Api::<Pod>::namespaced(ctx.client.clone(), namespace)
         .list(&ListParams::default().labels(&format!(

@@ -663,9 +663,8 @@ async fn pods_are_read_from_the_watch_cache_instead_of_listed_every_round() {
 async fn without_a_filled_pod_cache_pods_are_listed() {
     let mut h = Harness::new("  shards: 2\n  replicasPerShard: 2\n");
     h.start_pods();
-    // A cache whose watch ended before its first list: it will never be filled.
-    let (cache, writer) = reflector::store::<Pod>();
-    drop(writer);
+    // A cache whose first list has not come in: rounds do not wait for it.
+    let (cache, _writer) = reflector::store::<Pod>();
     h.ctx = Arc::new(h.context(None).with_pod_cache(cache));
     h.round(0).await;
     h.round(1000).await;
