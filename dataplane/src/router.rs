@@ -285,14 +285,7 @@ impl Router {
                     hint = api::leader_in_error(&r.body).filter(|h| *h != addr);
                 }
                 Ok(r) => return Ok(into_response(r, &method)),
-                // Nothing was sent on a refused connection, so even a write may go again.
-                Err(ClientError::Connect { .. }) if retry => {
-                    self.metrics.retries.inc();
-                    self.reload_file().await;
-                }
-                // A read that got no answer changes nothing, so it may go again: to the
-                // new leader when the old one was given up on.
-                Err(ClientError::Abandoned(_) | ClientError::Transport { .. }) if retry && read => {
+                Err(e) if retry && may_resend(&e, read) => {
                     self.metrics.retries.inc();
                     self.reload_file().await;
                 }
@@ -335,6 +328,18 @@ impl Router {
                 format!("shard {} has no leader right now", shard.id),
             )
         })
+    }
+}
+
+/// Whether a request that failed with `e` may go again, after a topology reload.
+fn may_resend(e: &ClientError, read: bool) -> bool {
+    match e {
+        // Nothing was sent on a refused connection, so even a write may go again.
+        ClientError::Connect { .. } => true,
+        // A read that got no answer changes nothing: it may go again, to the new leader
+        // when the old one was given up on.
+        ClientError::Abandoned(_) | ClientError::Transport { .. } => read,
+        _ => false,
     }
 }
 

@@ -314,11 +314,6 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
         &input,
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
     );
-    let mut shards_serving = new_status
-        .shards
-        .iter()
-        .filter(|s| s.leader.is_some())
-        .count();
     if kvc.status.as_ref() != Some(&new_status)
         && let Err(e) = patch_status(&ctx, &namespace, &name, &new_status).await
     {
@@ -328,12 +323,6 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
             if !held.is_empty() {
                 warn!(%namespace, %name, ?held, "status not recorded; holding back role changes of these shards");
                 events.retain(|e| !held.contains(&event_shard(e)));
-                shards_serving = next
-                    .topology
-                    .shards
-                    .iter()
-                    .filter(|s| s.leader.is_some())
-                    .count();
             }
         }
     }
@@ -356,6 +345,14 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
     for event in &events {
         publish_event(&ctx, &kvc, event).await;
     }
+    // As acted on: a shard held back keeps the leader it had.
+    let shards_serving = state.as_ref().map_or(0, |s| {
+        s.topology
+            .shards
+            .iter()
+            .filter(|s| s.leader.is_some())
+            .count()
+    });
     ctx.metrics
         .shards_serving
         .with_label_values(&[namespace.as_str(), name.as_str()])
@@ -448,15 +445,9 @@ pub fn hold_back(
 ) -> Vec<u32> {
     let mut held = Vec::new();
     for shard in &mut next.topology.shards {
-        let Some(j) = recorded
-            .topology
-            .shards
-            .iter()
-            .position(|s| s.id == shard.id)
-        else {
+        let Some(before) = recorded.topology.shards.iter().find(|s| s.id == shard.id) else {
             continue;
         };
-        let before = &recorded.topology.shards[j];
         let ctl_before = recorded.shards.iter().find(|c| c.shard == shard.id);
         let ctl_after = next.shards.iter().find(|c| c.shard == shard.id);
         let in_sync_before = ctl_before.map(|c| c.in_sync.as_slice()).unwrap_or_default();
