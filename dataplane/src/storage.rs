@@ -326,6 +326,10 @@ enum Command {
     Checkpoint {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Answered once everything is in redb and neither thread holds the database.
+    Close {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 impl Command {
@@ -356,6 +360,7 @@ impl Command {
                 | Command::SnapshotChunk { .. }
                 | Command::SnapshotEnd { .. }
                 | Command::Checkpoint { .. }
+                | Command::Close { .. }
         )
     }
 }
@@ -401,11 +406,10 @@ impl Store {
             std::thread::Builder::new()
                 .name(name.into())
                 .spawn(run)
-                .map(drop)
                 .map_err(|e| StoreError::Io(e.to_string()))
         };
         let flusher_db = db.clone();
-        spawn(
+        let flusher_thread = spawn(
             "distkv-flusher",
             Box::new(move || flusher(&flusher_db, frozen, flushed_tx)),
         )?;
@@ -422,8 +426,12 @@ impl Store {
             wal,
             active_since: Instant::now(),
             installs: Installs::default(),
+            closing: Vec::new(),
         };
-        spawn("distkv-writer", Box::new(move || writer.run(rx)))?;
+        spawn(
+            "distkv-writer",
+            Box::new(move || writer.run(rx, flusher_thread)),
+        )?;
         Ok(Store {
             db,
             layers,
@@ -521,6 +529,14 @@ impl Store {
     /// Makes everything durable in redb and empties the write-ahead log (clean shutdown).
     pub async fn checkpoint(&self) -> Result<(), StoreError> {
         self.call(|reply| Command::Checkpoint { reply }).await
+    }
+
+    /// Makes everything durable in redb and stops the writer and flusher threads, for a
+    /// clean shutdown. Reads still work; writes fail with [`StoreError::Closed`]. Dropping
+    /// the last handle afterwards closes redb cleanly, so the next open needs no repair
+    /// and a stopped replica can be inspected.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.call(|reply| Command::Close { reply }).await
     }
 
     /// Drops log entries up to and including `upto` (never past the end of the log).
@@ -1326,6 +1342,8 @@ struct Writer {
     /// When the active layer began.
     active_since: Instant,
     installs: Installs,
+    /// Who asked the store to close: answered once this thread has let go of redb.
+    closing: Vec<oneshot::Sender<Result<(), StoreError>>>,
 }
 
 /// The snapshot install under way. Two leaders' streams may reach a replica at once (the
@@ -1394,8 +1412,10 @@ impl Reply {
 }
 
 impl Writer {
-    fn run(mut self, rx: std_mpsc::Receiver<Command>) {
-        while let Ok(first) = rx.recv() {
+    fn run(mut self, rx: std_mpsc::Receiver<Command>, flusher: std::thread::JoinHandle<()>) {
+        while self.closing.is_empty()
+            && let Ok(first) = rx.recv()
+        {
             let mut batch = vec![first];
             // Requests come in bursts (a connection's frames are dispatched together); let
             // the rest of the burst arrive so it shares this commit, for as long as it
@@ -1430,8 +1450,18 @@ impl Writer {
             }
             tracing::trace!(?state, "committed");
         }
-        // Every handle is gone: leave nothing to replay.
+        // Every handle is gone, or the store is closing: leave nothing to replay.
         self.drain();
+        let closing = std::mem::take(&mut self.closing);
+        // The database closes cleanly only once no thread holds it: this one lets go of
+        // its handle and read transaction, and the flusher ends with its queue.
+        drop(self);
+        if flusher.join().is_err() {
+            tracing::error!("the flusher thread panicked");
+        }
+        for reply in closing {
+            let _ = reply.send(Ok(()));
+        }
     }
 
     /// Applies a batch, makes it durable and answers its requests; returns the state.
@@ -1572,6 +1602,7 @@ impl Writer {
                     }
                 }
                 Command::Checkpoint { reply } => replies.push(Reply::Unit(reply, Ok(()))),
+                Command::Close { reply } => self.closing.push(reply),
             }
         }
         let records = std::mem::take(&mut tx.wal);
