@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::storage::{Condition, Position};
 
+/// The highest key limit a node or router takes: a key travels in the URL, which the
+/// HTTP layer refuses beyond 64 KiB.
+pub const MAX_KEY_LIMIT: usize = 32 << 10;
+
 /// Size limits enforced before anything is stored.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {

@@ -43,7 +43,7 @@ enum Command {
 #[derive(Args, Clone)]
 struct LimitArgs {
     /// Longest key accepted, in bytes (1 to 32768: a key travels in the URL).
-    #[arg(long, default_value_t = 1024, value_parser = |s: &str| byte_limit(s, 32 << 10))]
+    #[arg(long, default_value_t = 1024, value_parser = |s: &str| byte_limit(s, dataplane::api::MAX_KEY_LIMIT))]
     max_key_bytes: usize,
     /// Largest value accepted, in bytes.
     #[arg(long, default_value_t = 1 << 20, value_parser = |s: &str| byte_limit(s, usize::MAX))]

@@ -287,7 +287,7 @@ impl Default for RouterSpec {
 pub struct LimitsSpec {
     /// Largest key in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 65536))]
+    #[schemars(range(min = 1, max = dataplane::api::MAX_KEY_LIMIT))]
     pub max_key_bytes: Option<u32>,
     /// Largest value in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -144,6 +144,16 @@ pub fn validate_spec(spec: &KvClusterSpec, current_shards: Option<u32>) -> Resul
             "router.nodePort needs serviceType NodePort or LoadBalancer",
         ));
     }
+    let max_key = dataplane::api::MAX_KEY_LIMIT;
+    if let Some(bytes) = spec.limits.as_ref().and_then(|l| l.max_key_bytes)
+        && !(1..=max_key).contains(&(bytes as usize))
+    {
+        // The nodes and routers would refuse to start with it.
+        return Err(InvalidSpec::new(
+            "InvalidSpec",
+            format!("limits.maxKeyBytes must be between 1 and {max_key}, not {bytes}"),
+        ));
+    }
     if let Some(current) = current_shards
         && current != spec.shards
     {
@@ -182,6 +192,20 @@ mod tests {
         let err = validate(&kvc).unwrap_err();
         assert_eq!(err.reason, "InvalidSpec");
         assert!(err.message.contains("minInSync"), "{err}");
+    }
+
+    #[test]
+    fn a_key_limit_the_nodes_refuse_is_refused() {
+        let mut kvc = cluster(OK);
+        let max = dataplane::api::MAX_KEY_LIMIT as u32;
+        kvc.spec.limits = Some(crate::crd::LimitsSpec {
+            max_key_bytes: Some(max),
+            max_value_bytes: None,
+        });
+        assert_eq!(validate(&kvc), Ok(()));
+        kvc.spec.limits.as_mut().unwrap().max_key_bytes = Some(max + 1);
+        let err = validate(&kvc).unwrap_err();
+        assert!(err.message.contains("limits.maxKeyBytes"), "{err:?}");
     }
 
     #[test]
