@@ -32,9 +32,11 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Largest JSON body of the demo `POST /put`: a value, a key and escaping room.
+    /// Largest JSON body of the demo `POST /put`: a value and a key, every byte of them
+    /// escaped (`\u00e9` is six bytes for two of UTF-8, a control byte six for one), and
+    /// room for the rest.
     pub fn max_json_bytes(&self) -> usize {
-        2 * (self.max_value_bytes + self.max_key_bytes) + 1024
+        6 * (self.max_value_bytes + self.max_key_bytes) + 1024
     }
 }
 
@@ -248,8 +250,19 @@ pub fn query_param(query: Option<&str>, name: &str) -> Option<Vec<u8>> {
 }
 
 /// Whether the request asks for `consistency=stale`.
-pub fn wants_stale(query: Option<&str>) -> bool {
-    query_param(query, "consistency").as_deref() == Some(b"stale")
+pub fn wants_stale(query: Option<&str>) -> Result<bool, ApiError> {
+    match query_param(query, "consistency").as_deref() {
+        None => Ok(false),
+        Some(b"stale") => Ok(true),
+        // Read as the default, a misspelt `stale` would quietly cost the leader's wait.
+        Some(other) => Err(ApiError::bad_request(
+            "invalid_consistency",
+            format!(
+                "consistency must be stale (or left out, for a read the leader answers), not {:?}",
+                String::from_utf8_lossy(other)
+            ),
+        )),
+    }
 }
 
 /// The write precondition from `If-Match` / `If-None-Match`.
@@ -349,6 +362,19 @@ pub async fn read_body(
         e.close_connection = close;
         e
     };
+    if let Some(coding) = unsupported_coding(headers) {
+        // The HTTP layer undoes only `chunked`: a body under `gzip, chunked` would be
+        // stored still compressed.
+        let mut e = ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "unsupported_transfer_encoding",
+            format!(
+                "transfer coding {coding:?} is not supported; send the body as it is, or chunked"
+            ),
+        );
+        e.close_connection = true;
+        return Err(e);
+    }
     let declared = declared_length(headers);
     if let Some(len) = declared
         && len > limit as u64
@@ -370,6 +396,17 @@ pub async fn read_body(
             e
         }
     })
+}
+
+/// A transfer coding other than `chunked`, if the request declares one.
+fn unsupported_coding(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .find(|c| !c.eq_ignore_ascii_case(b"chunked"))
+        .map(|c| String::from_utf8_lossy(c).into_owned())
 }
 
 /// The body's length as its `Content-Length` declares it.
@@ -460,6 +497,38 @@ pub async fn empty_key(headers: HeaderMap, body: Body) -> ApiError {
     };
     e.close_connection = !drained;
     e
+}
+
+/// `/v1/kv/` with no key: the methods of `/v1/kv/{key}` answer 400 `empty_key`, others 405.
+pub fn empty_key_route<S: Clone + Send + Sync + 'static>() -> axum::routing::MethodRouter<S> {
+    axum::routing::get(empty_key)
+        .put(empty_key)
+        .delete(empty_key)
+}
+
+/// The demo's `/delete` for `GET` and `DELETE`. A `GET` there deletes, so `HEAD`, which
+/// must change nothing and which axum would otherwise hand to the `GET` handler, is 405.
+pub fn demo_delete_route<H, T, S>(handler: H) -> axum::routing::MethodRouter<S>
+where
+    H: axum::handler::Handler<T, S>,
+    T: 'static,
+    S: Clone + Send + Sync + 'static,
+{
+    axum::routing::get(handler.clone())
+        .delete(handler)
+        .head(head_of_a_delete)
+}
+
+async fn head_of_a_delete() -> Response {
+    let mut resp = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "HEAD is not allowed on /delete: a GET there deletes the key",
+    )
+    .into_response();
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET,DELETE"));
+    resp
 }
 
 /// The 404 JSON answer for unknown routes.
@@ -637,8 +706,13 @@ mod tests {
             "invalid_key"
         );
         assert_eq!(demo_key(Some("k=1"), &l).unwrap_err().code, "missing_key");
-        assert!(wants_stale(Some("key=a&consistency=stale")));
-        assert!(!wants_stale(Some("consistency=stal%FF")));
+        assert!(wants_stale(Some("key=a&consistency=stale")).unwrap());
+        assert!(!wants_stale(Some("key=a")).unwrap());
+        assert!(!wants_stale(None).unwrap());
+        for bad in ["consistency=stal%FF", "consistency=STALE", "consistency="] {
+            let code = wants_stale(Some(bad)).unwrap_err().code;
+            assert_eq!(code, "invalid_consistency", "{bad}");
+        }
         assert_eq!(key_text(b"plain"), "plain");
         assert_ne!(key_text(&[0xFF]), key_text(&[0xFE]));
         assert_ne!(key_text(&[0xFF]), key_text("\u{FFFD}".as_bytes()));

@@ -73,6 +73,19 @@ struct Assignment {
 }
 
 impl Assignment {
+    /// Refuses a slot outside this shard's ranges (none known yet: any slot).
+    fn check_serves(&self, slot: Slot) -> Result<(), ApiError> {
+        let ranges = &self.slot_ranges;
+        if ranges.is_empty() || ranges.iter().any(|&(x, y)| x <= slot && slot <= y) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "wrong_shard",
+            format!("slot {slot} is not served by this shard"),
+        ))
+    }
+
     fn stop_streams(&mut self) {
         for (_, (_, task)) in self.streams.drain() {
             task.abort();
@@ -152,10 +165,10 @@ impl Node {
         let batch_limit = self.cfg.stream.max_request_bytes(&self.cfg.limits);
         let app = Router::new()
             .route("/v1/kv/{*key}", kv)
-            .route("/v1/kv/", axum::routing::any(api::empty_key))
+            .route("/v1/kv/", api::empty_key_route())
             .route("/put", post(demo_put))
             .route("/get", get(demo_get))
-            .route("/delete", get(demo_delete).delete(demo_delete))
+            .route("/delete", api::demo_delete_route(demo_delete))
             .route("/internal/role", post(set_role))
             .route("/internal/status", get(status))
             .route(
@@ -173,14 +186,7 @@ impl Node {
     /// Checks that this replica leads its shard right now and may serve `slot`.
     fn leader_view(&self, slot: Slot) -> Result<LeaderView, ApiError> {
         let a = self.assignment.read().unwrap();
-        if !a.slot_ranges.is_empty() && !a.slot_ranges.iter().any(|&(x, y)| x <= slot && slot <= y)
-        {
-            return Err(ApiError::new(
-                StatusCode::MISDIRECTED_REQUEST,
-                "wrong_shard",
-                format!("slot {slot} is not served by this shard"),
-            ));
-        }
+        a.check_serves(slot)?;
         let leadership = match (&a.role, &a.leadership) {
             (Role::Leader, Some(l)) if l.deposed().is_none() => l.clone(),
             _ => return Err(ApiError::not_leader(a.epoch, a.leader.clone())),
@@ -198,15 +204,16 @@ impl Node {
         })
     }
 
-    /// Checks that this replica may serve a stale read.
-    fn can_read_stale(&self) -> Result<(), ApiError> {
+    /// Checks that this replica may serve a stale read of `slot`.
+    fn can_read_stale(&self, slot: Slot) -> Result<(), ApiError> {
         let a = self.assignment.read().unwrap();
         match a.role {
             Role::Unassigned => Err(ApiError::unavailable(
                 "not_ready",
                 "this replica has not been assigned a role yet",
             )),
-            _ => Ok(()),
+            // Another shard's key is absent here: a 404 would be a wrong answer.
+            _ => a.check_serves(slot),
         }
     }
 
@@ -289,7 +296,7 @@ impl Node {
     async fn read(&self, key: &[u8], stale: bool) -> Result<Option<(Position, Bytes)>, ApiError> {
         let slot = slot_for(key);
         if stale {
-            self.can_read_stale()?;
+            self.can_read_stale(slot)?;
             return self.store.get(slot, key).map_err(store_error);
         }
         let view = self.leader_view(slot)?;
@@ -567,7 +574,7 @@ pub async fn v1_get(State(node): NodeState, req: Request) -> Result<Response, Ap
     // Taken whole: extractors would copy the URI and the headers of every read.
     let (uri, headers) = (req.uri(), req.headers());
     let key = api::key_from_path(uri.path(), &node.cfg.limits)?;
-    match node.read(&key, api::wants_stale(uri.query())).await? {
+    match node.read(&key, api::wants_stale(uri.query())?).await? {
         Some((version, _)) if api::not_modified(headers, version) => {
             Ok(api::not_modified_response(version))
         }
@@ -690,7 +697,7 @@ pub struct DemoQuery {
 pub async fn demo_get(State(node): NodeState, uri: Uri) -> Response {
     let run = async {
         let key = api::demo_key(uri.query(), &node.cfg.limits)?;
-        node.read(&key, api::wants_stale(uri.query()))
+        node.read(&key, api::wants_stale(uri.query())?)
             .await
             .map(|v| (key, v))
     };

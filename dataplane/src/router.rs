@@ -199,10 +199,10 @@ impl Router {
                 "/v1/kv/{*key}",
                 get(forward_v1).put(forward_v1).delete(forward_v1),
             )
-            .route("/v1/kv/", axum::routing::any(api::empty_key))
+            .route("/v1/kv/", api::empty_key_route())
             .route("/put", post(forward_demo_put))
             .route("/get", get(forward_demo_key))
-            .route("/delete", get(forward_demo_key).delete(forward_demo_key))
+            .route("/delete", api::demo_delete_route(forward_demo_key))
             .route("/v1/cluster", get(cluster))
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
@@ -385,7 +385,7 @@ async fn forward_v1(State(r): RouterState, req: Request) -> Result<Response, Api
     if method == Method::PUT {
         api::condition(&headers)?;
     }
-    let stale = method == Method::GET && api::wants_stale(uri.query());
+    let stale = method == Method::GET && api::wants_stale(uri.query())?;
     r.forward(&key, method, path_and_query(&uri), &headers, body, stale)
         .await
 }
@@ -415,7 +415,7 @@ async fn forward_demo_key(
 ) -> Response {
     let run = async {
         let key = api::demo_key(uri.query(), &r.cfg.limits)?;
-        let stale = uri.path() == "/get" && api::wants_stale(uri.query());
+        let stale = uri.path() == "/get" && api::wants_stale(uri.query())?;
         r.forward(
             &key,
             method,

@@ -174,6 +174,16 @@ async fn keys_through_the_router_survive_a_restart() {
         json(&http.get(&r, "/get?key=demo-7").await)["value"],
         "again"
     );
+    // JSON as Python's json.dumps writes it: every non-ASCII character escaped, six
+    // bytes for two. A value well under the limit is taken however it is escaped.
+    let accents = "é".repeat(400_000);
+    let escaped = serde_json::json!({"key": "demo-8", "value": accents})
+        .to_string()
+        .replace('é', "\\u00e9");
+    assert!(escaped.len() > 2 << 20);
+    let resp = http.req(Method::POST, &r, "/put", &[], escaped).await;
+    assert_eq!(json(&resp), serde_json::json!({"status": "Successful"}));
+    assert_eq!(http.get(&r, "/v1/kv/demo-8").await.body, accents);
     let missing = http.get(&r, "/get?key=nope").await;
     assert_eq!(
         (missing.status.as_u16(), json(&missing)),
@@ -265,6 +275,21 @@ async fn keys_through_the_router_survive_a_restart() {
         .await;
         let slot_owner = cluster["shards"][n.shard as usize]["slot_ranges"].clone();
         let ranges: Vec<(u16, u16)> = serde_json::from_value(slot_owner).unwrap();
+        // Another shard's key is not "missing" here: the follower says it is not its own.
+        let foreign = (0..1000)
+            .map(|i| format!("key-{i}"))
+            .find(|k| {
+                let slot = dataplane::slots::slot_for(k.as_bytes());
+                !ranges.iter().any(|&(a, b)| a <= slot && slot <= b)
+            })
+            .unwrap();
+        let resp = http
+            .get(&n.address, &format!("/v1/kv/{foreign}?consistency=stale"))
+            .await;
+        assert_eq!(
+            (resp.status.as_u16(), error_code(&resp)),
+            (421, "wrong_shard".to_string())
+        );
         for (key, (tag, value)) in &versions {
             let slot = dataplane::slots::slot_for(key.as_bytes());
             if !ranges.iter().any(|&(a, b)| a <= slot && slot <= b) {
@@ -426,6 +451,24 @@ async fn bad_input_is_refused_and_changes_nothing() {
             "method_not_allowed",
         ),
         (
+            "a method /v1/kv/{key} does not have, without a key",
+            Method::PATCH,
+            "/v1/kv/".into(),
+            vec![],
+            Bytes::from("v"),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "a misspelt consistency",
+            Method::GET,
+            "/v1/kv/k?consistency=stal".into(),
+            vec![],
+            Bytes::new(),
+            400,
+            "invalid_consistency",
+        ),
+        (
             "internal routes are not routed",
             Method::GET,
             "/internal/status".into(),
@@ -497,6 +540,22 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert!(broken.starts_with("HTTP/1.1 400"), "{broken}");
     assert!(broken.contains("invalid_body"), "{broken}");
     assert_eq!(http.get(&r, "/v1/kv/chunky").await.status, 404);
+    // A transfer coding the HTTP layer does not undo is refused, not stored encoded.
+    let gzip = raw_exchange(
+        &r,
+        "PUT /v1/kv/k HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nGZZ\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(gzip.starts_with("HTTP/1.1 501"), "{gzip}");
+    assert!(gzip.contains("unsupported_transfer_encoding"), "{gzip}");
+    // HEAD must change nothing, and a GET of the demo's /delete deletes.
+    for target in [&r, &node] {
+        let head = http
+            .req(Method::HEAD, target, "/delete?key=k", &[], "")
+            .await;
+        assert_eq!(head.status, 405, "HEAD /delete at {target}");
+        assert_eq!(head.headers["allow"], "GET,DELETE");
+    }
     // A repeated demo key gets the demo's answer, not the query parser's plain text.
     let twice = http.get(&r, "/get?key=a&key=b").await;
     assert_eq!(
