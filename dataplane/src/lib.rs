@@ -4,6 +4,7 @@
 pub mod api;
 pub mod client;
 pub mod control;
+pub mod idle;
 pub mod link;
 pub mod metrics;
 pub mod node;

@@ -557,10 +557,12 @@ async fn read_answers(link: Arc<Link>, mut rd: OwnedReadHalf, addr: String) {
 
 /// Serves `app` on `listener` until `shutdown` resolves: HTTP/1.1 and HTTP/2 to anyone,
 /// and the link, told apart by their first bytes. Then it stops accepting and
-/// returns once every request in progress has been answered.
+/// returns once every request in progress has been answered. HTTP connections, and
+/// connections that say nothing, are closed after `idle` without progress.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
+    idle: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
@@ -574,8 +576,9 @@ pub async fn serve(
         http_tx,
         stop.clone(),
         live_tx,
+        idle,
     ));
-    let http = HttpConnections { rx: http_rx, local };
+    let http = crate::idle::IdleClosing::new(HttpConnections { rx: http_rx, local }, idle);
     let result = axum::serve(http, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
@@ -595,6 +598,7 @@ async fn accept(
     http: mpsc::Sender<(TcpStream, SocketAddr)>,
     stop: watch::Receiver<bool>,
     live: mpsc::Sender<Infallible>,
+    idle: Duration,
 ) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -611,8 +615,10 @@ async fn accept(
         tokio::spawn(async move {
             let kind = tokio::select! {
                 kind = is_link(&stream) => kind,
-                // A connection that never said anything does not hold up shutdown.
+                // A connection that never says anything does not hold up shutdown, nor
+                // its descriptor for ever.
                 _ = stop.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(idle) => return,
             };
             match kind {
                 Ok(true) => {
@@ -922,7 +928,14 @@ mod tests {
             format!("{} {}", uri, body.len())
         });
         let server = tokio::spawn(async move {
-            serve(listener, app, std::future::pending()).await.unwrap();
+            serve(
+                listener,
+                app,
+                crate::idle::DEFAULT_IDLE,
+                std::future::pending(),
+            )
+            .await
+            .unwrap();
         });
         (addr, server)
     }
@@ -947,7 +960,12 @@ mod tests {
     /// and checks that `links` reaches it: the old link was replaced.
     async fn reaches_a_new_node(links: &Links, addr: &str, listener: TcpListener) {
         let app = axum::Router::new().fallback(|| async { "back" });
-        tokio::spawn(serve(listener, app, std::future::pending()));
+        tokio::spawn(serve(
+            listener,
+            app,
+            crate::idle::DEFAULT_IDLE,
+            std::future::pending(),
+        ));
         let resp = links
             .send(addr, get("/"), Duration::from_secs(5))
             .await
@@ -1150,9 +1168,14 @@ mod tests {
             "finished"
         });
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, app, async move {
-            let _ = stop_rx.await;
-        }));
+        let server = tokio::spawn(serve(
+            listener,
+            app,
+            crate::idle::DEFAULT_IDLE,
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
         let links = Arc::new(Links::default());
         let call = {
             let (links, addr) = (links.clone(), addr.clone());

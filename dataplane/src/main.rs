@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use dataplane::api::Limits;
+use dataplane::idle::IdleClosing;
 use dataplane::node::{Node, NodeConfig};
 use dataplane::playground::{self, PlaygroundConfig};
 use dataplane::router::{Router, RouterConfig};
@@ -38,6 +39,20 @@ enum Command {
         #[arg(long)]
         data_dir: PathBuf,
     },
+}
+
+#[derive(Args, Clone)]
+struct IdleArgs {
+    /// Closes an HTTP connection once this long passes without a byte moving while the
+    /// server waits on it (a half-sent request, a silent client).
+    #[arg(long, default_value_t = dataplane::idle::DEFAULT_IDLE.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout_ms: u64,
+}
+
+impl IdleArgs {
+    fn limit(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
 }
 
 #[derive(Args, Clone)]
@@ -81,6 +96,8 @@ struct NodeArgs {
     #[arg(long, default_value_t = 5000)]
     replication_timeout_ms: u64,
     #[command(flatten)]
+    idle: IdleArgs,
+    #[command(flatten)]
     limits: LimitArgs,
 }
 
@@ -99,6 +116,8 @@ struct RouterArgs {
     /// 504 (a write's outcome is then unknown).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     request_timeout_ms: u64,
+    #[command(flatten)]
+    idle: IdleArgs,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -256,6 +275,7 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     cfg.limits = args.limits.limits();
     cfg.log_retain = args.log_retain;
     cfg.replication_timeout = Duration::from_millis(args.replication_timeout_ms);
+    cfg.idle_timeout = args.idle.limit();
     let node = Node::open(cfg)
         .with_context(|| format!("cannot open data directory {}", args.data_dir.display()))?;
     let listener = bind(&args.listen, "listening").await?;
@@ -276,12 +296,13 @@ async fn run_router(args: RouterArgs) -> Result<()> {
     let public = bind(&args.listen, "listening").await?;
     let admin = bind(&args.admin_listen, "admin").await?;
     let admin_app = router.admin_app();
+    let idle = args.idle.limit();
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(admin, admin_app).await {
+        if let Err(e) = axum::serve(IdleClosing::new(admin, idle), admin_app).await {
             tracing::error!(error = %e, "admin listener failed");
         }
     });
-    axum::serve(public, router.app())
+    axum::serve(IdleClosing::new(public, idle), router.app())
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     Ok(())

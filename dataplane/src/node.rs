@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub log_retain: u64,
     /// How long a sync write waits for the in-sync set before answering 503.
     pub replication_timeout: Duration,
+    /// How long an HTTP connection may go without a byte moving before it is closed.
+    pub idle_timeout: Duration,
 }
 
 impl NodeConfig {
@@ -56,6 +58,7 @@ impl NodeConfig {
             stream: StreamConfig::default(),
             log_retain: 10_000,
             replication_timeout: Duration::from_secs(5),
+            idle_timeout: crate::idle::DEFAULT_IDLE,
         }
     }
 }
@@ -878,5 +881,6 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    crate::link::serve(listener, node.app(), shutdown).await
+    let idle = node.cfg.idle_timeout;
+    crate::link::serve(listener, node.app(), idle, shutdown).await
 }

@@ -751,3 +751,81 @@ async fn raw_exchange(addr: &str, request: &str) -> String {
         .unwrap();
     String::from_utf8_lossy(&answer).into_owned()
 }
+
+/// A connection that says nothing, or stops in the middle of its headers or body, is
+/// closed after `--idle-timeout-ms`, on a node and on both router ports; one that keeps
+/// talking stays open longer than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_stall_are_closed_and_busy_ones_are_not() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let idle = ["--idle-timeout-ms", "300"];
+    let tmp = tempfile::tempdir().unwrap();
+    let node = NodeProc::start("s0-r0", &tmp.path().join("s0-r0"), &idle);
+    // Killed however the test ends: a router left running would hold the test's output.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut router = Killed(
+        Command::new(exe())
+            .args(["router", "--listen", "127.0.0.1:0"])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .args(idle)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(router.0.stdout.take().unwrap()).lines();
+    let mut announced = || {
+        let line = lines.next().unwrap().unwrap();
+        line.rsplit(' ').next().unwrap().to_string()
+    };
+    let (public, admin) = (announced(), announced());
+
+    for addr in [&node.addr, &public, &admin] {
+        for (what, sent) in [
+            ("silent", ""),
+            ("half-sent headers", "GET /healthz HTTP/1.1\r\nhost: x\r\n"),
+            (
+                "half-sent body",
+                "PUT /v1/kv/k HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc",
+            ),
+        ] {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(sent.as_bytes()).await.unwrap();
+            let mut rest = Vec::new();
+            let closed =
+                tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest));
+            assert!(
+                closed.await.is_ok(),
+                "{what} connection to {addr} still open after 10 s"
+            );
+        }
+        // Five requests 150 ms apart: twice the idle timeout in all, never idle for it.
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        for i in 0..5 {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                let mut chunk = [0u8; 512];
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "busy connection to {addr} closed at request {i}");
+                answer.extend_from_slice(&chunk[..n]);
+            }
+            assert!(answer.starts_with(b"HTTP/1.1 200"), "{addr}");
+        }
+    }
+}
