@@ -82,11 +82,21 @@ pub struct LinkRequest<'a> {
     pub target: &'a str,
     /// Headers to take the sent ones from.
     pub headers: &'a HeaderMap,
-    /// The headers sent: those of `headers` with these names (read in place, so forwarding
-    /// a client's request copies nothing into a list first).
+    /// The headers sent: every value `headers` holds under these names, in order (read in
+    /// place, so forwarding a client's request copies nothing into a list first).
     pub pass: &'a [HeaderName],
     /// Body.
     pub body: &'a [u8],
+}
+
+impl<'a> LinkRequest<'a> {
+    /// The headers the request sends, repeated ones included: a node decides on all of
+    /// them (two `If-Match` headers are refused), so sending one would change the answer.
+    fn sent_headers(&self) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + use<'a> {
+        let (headers, pass) = (self.headers, self.pass);
+        pass.iter()
+            .flat_map(move |name| headers.get_all(name).iter().map(move |v| (name, v)))
+    }
 }
 
 /// An empty header map, for a [`LinkRequest`] that sends no headers.
@@ -114,8 +124,7 @@ fn put_request(out: &mut BytesMut, id: u32, req: &LinkRequest<'_>) {
     // Fits: the `http` crate refuses URIs of 64 KiB or more.
     out.put_u16(req.target.len() as u16);
     out.put_slice(req.target.as_bytes());
-    let pass = req.pass.iter();
-    put_headers(out, pass.filter_map(|n| Some((n, req.headers.get(n)?))));
+    put_headers(out, req.sent_headers());
     out.put_slice(req.body);
     end_frame(out, at);
 }
@@ -806,6 +815,38 @@ mod tests {
         assert_eq!(req.headers.get(hyper::header::IF_MATCH).unwrap(), "\"1-2\"");
         assert_eq!(req.headers.len(), 1);
         assert_eq!(&req.body[..], b"value");
+    }
+
+    #[test]
+    fn repeated_headers_arrive_all_and_in_order() {
+        let mut headers = HeaderMap::new();
+        for v in ["\"1-4\"", "\"0-0\""] {
+            headers.append(hyper::header::IF_MATCH, HeaderValue::from_static(v));
+        }
+        headers.append(hyper::header::IF_NONE_MATCH, HeaderValue::from_static("*"));
+        headers.append(
+            hyper::header::IF_NONE_MATCH,
+            HeaderValue::from_static("\"2-2\""),
+        );
+        headers.append(hyper::header::USER_AGENT, HeaderValue::from_static("curl"));
+        let mut out = BytesMut::new();
+        let pass = [hyper::header::IF_MATCH, hyper::header::IF_NONE_MATCH];
+        let req = LinkRequest {
+            method: &Method::DELETE,
+            target: "/v1/kv/k",
+            headers: &headers,
+            pass: &pass,
+            body: b"",
+        };
+        put_request(&mut out, 1, &req);
+        let got = decode_request(take_frame(&mut out).unwrap().unwrap()).unwrap();
+        for name in &pass {
+            let sent: Vec<_> = headers.get_all(name).iter().collect();
+            let arrived: Vec<_> = got.headers.get_all(name).iter().collect();
+            assert_eq!(arrived, sent, "{name}");
+        }
+        // Only the names passed go.
+        assert_eq!(got.headers.len(), 4);
     }
 
     #[test]

@@ -240,7 +240,11 @@ async fn lowered_key_limit_reaches_the_router_and_the_nodes() {
 /// A router alone, its topology one shard led by `node`, started with `extra` flags.
 /// Returns the process (killed when dropped), its address, and its stdout, which stays
 /// open while it runs.
-fn start_router(dir: &Path, node: &NodeProc, extra: &[&str]) -> (Killed, String, impl Sized) {
+fn start_router(
+    dir: &Path,
+    node: &NodeProc,
+    extra: &[&str],
+) -> (Killed, String, impl Sized + Send + use<>) {
     let topology = Topology {
         version: 1,
         shards: vec![ShardInfo {
@@ -309,19 +313,7 @@ async fn a_shard_whose_leader_does_not_lead_answers_503_leader_moved() {
 async fn a_silent_leader_is_a_504_after_the_routers_timeout() {
     let tmp = tempfile::tempdir().unwrap();
     let node = NodeProc::start("s0-r0", &tmp.path().join("r0"), &[]);
-    let lead = RoleRequest {
-        epoch: 1,
-        role: Role::Leader,
-        leader: None,
-        in_sync: vec![node.id.clone()],
-        lease_ms: 60_000,
-        peers: vec![],
-        slot_ranges: vec![],
-        mode: AckMode::Sync,
-        min_in_sync: 1,
-    };
-    let admin = AdminClient::new(Duration::from_secs(5));
-    admin.set_role(&node.addr, &lead).await.unwrap();
+    lead_alone(&node).await;
     let (_router, addr, _out) = start_router(tmp.path(), &node, &["--request-timeout-ms", "300"]);
     let http = Http::default();
     assert_eq!(http.put(&addr, "k", "v").await.status, 201);
@@ -338,6 +330,124 @@ async fn a_silent_leader_is_a_504_after_the_routers_timeout() {
             .unwrap()
             .contains("outcome is unknown")
     );
+}
+
+/// A node made leader of the whole key space, for a router of its own.
+async fn lead_alone(node: &NodeProc) {
+    let lead = RoleRequest {
+        epoch: 1,
+        role: Role::Leader,
+        leader: None,
+        in_sync: vec![node.id.clone()],
+        lease_ms: 60_000,
+        peers: vec![],
+        slot_ranges: vec![],
+        mode: AckMode::Sync,
+        min_in_sync: 1,
+    };
+    let admin = AdminClient::new(Duration::from_secs(5));
+    admin.set_role(&node.addr, &lead).await.unwrap();
+}
+
+/// Status and `error.code` (empty when the answer is not an error).
+fn outcome(r: &dataplane::client::Response) -> (u16, String) {
+    let code = serde_json::from_slice::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    (r.status.as_u16(), code)
+}
+
+/// A leader alone with a router of its own, and one key `k` written through it.
+struct OneKey {
+    node: NodeProc,
+    router: String,
+    /// The ETag of `k`.
+    version: String,
+    http: Http,
+    _router: Killed,
+    _out: Box<dyn Send>,
+    _tmp: tempfile::TempDir,
+}
+
+const KEY: &str = "/v1/kv/k";
+
+impl OneKey {
+    async fn start() -> OneKey {
+        let tmp = tempfile::tempdir().unwrap();
+        let node = NodeProc::start("s0-r0", &tmp.path().join("r0"), &[]);
+        lead_alone(&node).await;
+        let (killed, router, out) = start_router(tmp.path(), &node, &[]);
+        let http = Http::default();
+        let put = http.put(&router, "k", "v").await;
+        assert_eq!(put.status, 201);
+        OneKey {
+            version: etag(&put),
+            node,
+            router,
+            http,
+            _router: killed,
+            _out: Box::new(out),
+            _tmp: tmp,
+        }
+    }
+
+    /// Sends `method` on `k` with `headers`, to the node and through the router.
+    async fn both(
+        &self,
+        method: Method,
+        headers: &[(&str, &str)],
+    ) -> (dataplane::client::Response, dataplane::client::Response) {
+        let direct = self.req(&self.node.addr, method.clone(), headers).await;
+        let routed = self.req(&self.router, method, headers).await;
+        (direct, routed)
+    }
+
+    async fn req(
+        &self,
+        addr: &str,
+        method: Method,
+        headers: &[(&str, &str)],
+    ) -> dataplane::client::Response {
+        self.http
+            .req(method, addr, KEY, headers, Bytes::new())
+            .await
+    }
+
+    /// Checks that `k` still holds what was written.
+    async fn unchanged(&self) {
+        let got = self.http.get(&self.router, KEY).await;
+        assert_eq!(
+            (got.status.as_u16(), etag(&got)),
+            (200, self.version.clone())
+        );
+        assert_eq!(got.body, "v");
+    }
+}
+
+/// Repeated precondition headers reach the node whole: two `If-Match` on a DELETE and two
+/// `If-None-Match` on a GET get the node's own answers through the router, and the key is
+/// unchanged.
+#[tokio::test]
+async fn repeated_preconditions_get_the_nodes_answers_through_the_router() {
+    let k = OneKey::start().await;
+    let v = k.version.as_str();
+    // The node is asked first: it refuses, so the key is still there for the router's turn.
+    let (direct, routed) = k
+        .both(Method::DELETE, &[("if-match", v), ("if-match", "\"0-0\"")])
+        .await;
+    assert_eq!(outcome(&direct), (400, "invalid_precondition".into()));
+    assert_eq!(outcome(&routed), outcome(&direct));
+    k.unchanged().await;
+    let (direct, routed) = k
+        .both(
+            Method::GET,
+            &[("if-none-match", "\"0-0\""), ("if-none-match", v)],
+        )
+        .await;
+    assert_eq!(direct.status, 304);
+    assert_eq!(routed.status, direct.status);
+    assert_eq!(etag(&routed), v);
 }
 
 /// A listen address may name its host (`localhost:0`), not only give its IP.
