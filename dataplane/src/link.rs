@@ -14,7 +14,8 @@
 //! eight bytes, so nodes keep one port. Then frames, `len u32 | payload`:
 //! - request: `id u32 | method (u8 len) | target (u16 len) | headers | body`;
 //! - response: `id u32 | status u16 | headers | body`;
-//! - headers: `count u8`, then per header `name (u8 len) | value (u16 len)`.
+//! - headers: `count u8`, then per header `name (u8 len) | value (u16 len)`. Headers that
+//!   do not fit are an error ([`HeaderError`]) and nothing is sent, never left out.
 //!
 //! Lengths are big-endian; the body is the rest of the frame. A malformed frame closes
 //! the connection: its peer is a distkv process, so it is a bug, not a client mistake.
@@ -74,7 +75,51 @@ pub enum FrameError {
     TooLarge(usize),
 }
 
+/// Why a request's headers cannot go in a frame. Nothing is sent then: a request that
+/// lost a header on the way (an `If-Match`, say) would be another request.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeaderError {
+    /// A value longer than a frame's 16-bit length holds.
+    #[error("the {name} header is {len} bytes; a forwarded header may have at most 65535")]
+    ValueTooLong {
+        /// The header.
+        name: HeaderName,
+        /// Its value's length.
+        len: usize,
+    },
+    /// A name longer than a frame's 8-bit length holds.
+    #[error("a header name of {0} bytes; a forwarded header name may have at most 255")]
+    NameTooLong(usize),
+    /// More values than a frame's 8-bit count holds.
+    #[error("{0} header values; at most 255 are forwarded")]
+    TooMany(usize),
+}
+
+/// Checks that `headers` fit in a frame, every one of them.
+fn check_headers<'h>(
+    headers: impl Iterator<Item = (&'h HeaderName, &'h HeaderValue)>,
+) -> Result<(), HeaderError> {
+    let mut count = 0;
+    for (name, value) in headers {
+        if name.as_str().len() > usize::from(u8::MAX) {
+            return Err(HeaderError::NameTooLong(name.as_str().len()));
+        }
+        if value.len() > usize::from(u16::MAX) {
+            return Err(HeaderError::ValueTooLong {
+                name: name.clone(),
+                len: value.len(),
+            });
+        }
+        count += 1;
+    }
+    if count > usize::from(u8::MAX) {
+        return Err(HeaderError::TooMany(count));
+    }
+    Ok(())
+}
+
 /// A request for a replica.
+#[derive(Clone, Copy)]
 pub struct LinkRequest<'a> {
     /// Method.
     pub method: &'a Method,
@@ -90,6 +135,11 @@ pub struct LinkRequest<'a> {
 }
 
 impl<'a> LinkRequest<'a> {
+    /// Whether the headers it sends fit in a frame; [`Links::send`] sends nothing else.
+    pub fn check(&self) -> Result<(), HeaderError> {
+        check_headers(self.sent_headers())
+    }
+
     /// The headers the request sends, repeated ones included: a node decides on all of
     /// them (two `If-Match` headers are refused), so sending one would change the answer.
     fn sent_headers(&self) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + use<'a> {
@@ -117,7 +167,7 @@ struct Incoming {
 
 // ---- frames -------------------------------------------------------------------------
 
-/// Appends one request frame to `out`.
+/// Appends one request frame to `out`; its headers passed [`LinkRequest::check`].
 fn put_request(out: &mut BytesMut, id: u32, req: &LinkRequest<'_>) {
     let at = begin_frame(out, id);
     put_short(out, req.method.as_str().as_bytes());
@@ -129,7 +179,7 @@ fn put_request(out: &mut BytesMut, id: u32, req: &LinkRequest<'_>) {
     end_frame(out, at);
 }
 
-/// Appends one response frame to `out`.
+/// Appends one response frame to `out`; its headers passed [`check_headers`].
 fn put_response(out: &mut BytesMut, id: u32, status: StatusCode, headers: &HeaderMap, body: &[u8]) {
     let at = begin_frame(out, id);
     out.put_u16(status.as_u16());
@@ -161,19 +211,15 @@ fn put_headers<'h>(
 ) {
     let count_at = out.len();
     out.put_u8(0);
-    let mut count = 0u8;
+    let mut count = 0usize;
     for (name, value) in headers {
-        // Names are at most a few dozen bytes and values far below 64 KiB in what the
-        // router and nodes exchange; anything longer is not ours and is left out.
-        if count == u8::MAX || name.as_str().len() > 255 || value.len() > usize::from(u16::MAX) {
-            continue;
-        }
+        // The lengths fit: the caller checked them, as a frame may not lose a header.
         put_short(out, name.as_str().as_bytes());
         out.put_u16(value.len() as u16);
         out.put_slice(value.as_bytes());
         count += 1;
     }
-    out[count_at] = count;
+    out[count_at] = count as u8;
 }
 
 /// Splits the next whole frame's payload off `buf`, if it holds one.
@@ -418,12 +464,16 @@ impl Drop for Waiting<'_> {
 impl Links {
     /// Sends `req` to the node at `addr` and waits for its answer, within `timeout`.
     /// A connection that cannot be made is [`ClientError::Connect`]: nothing was sent.
+    /// Headers that do not fit in a frame ([`LinkRequest::check`]) are
+    /// [`ClientError::Encode`], and nothing is sent either.
     pub async fn send(
         &self,
         addr: &str,
         req: LinkRequest<'_>,
         timeout: Duration,
     ) -> Result<Response, ClientError> {
+        req.check()
+            .map_err(|e| ClientError::Encode(e.to_string()))?;
         let call = async {
             // A link found closed has sent nothing of this request; one fresh try.
             for _ in 0..2 {
@@ -746,6 +796,12 @@ async fn serve_link(stream: TcpStream, app: axum::Router, mut stop: watch::Recei
 }
 
 fn put_answer(out: &mut BytesMut, (id, status, headers, body): Answer) {
+    if let Err(e) = check_headers(headers.iter()) {
+        // The caller must not act on an answer that lost a header; this one says so.
+        tracing::error!(error = %e, "answer headers do not fit in a frame");
+        let status = StatusCode::INTERNAL_SERVER_ERROR;
+        return put_response(out, id, status, &HeaderMap::new(), b"");
+    }
     put_response(out, id, status, &headers, &body);
 }
 
@@ -847,6 +903,85 @@ mod tests {
         }
         // Only the names passed go.
         assert_eq!(got.headers.len(), 4);
+    }
+
+    /// A DELETE sending the `If-Match` values of `headers`.
+    fn delete_if_match<'a>(headers: &'a HeaderMap) -> LinkRequest<'a> {
+        static PASS: [HeaderName; 1] = [hyper::header::IF_MATCH];
+        LinkRequest {
+            method: &Method::DELETE,
+            target: "/v1/kv/k",
+            headers,
+            pass: &PASS,
+            body: b"",
+        }
+    }
+
+    fn if_match(values: impl IntoIterator<Item = String>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            let v = HeaderValue::from_str(&v).unwrap();
+            headers.append(hyper::header::IF_MATCH, v);
+        }
+        headers
+    }
+
+    #[test]
+    fn headers_that_do_not_fit_a_frame_are_an_error_not_left_out() {
+        let long = format!("\"0-0\"{},\"9-9\"", " ".repeat(70_000));
+        let headers = if_match(["\"0-0\"".to_string(), long.clone()]);
+        assert_eq!(
+            delete_if_match(&headers).check(),
+            Err(HeaderError::ValueTooLong {
+                name: hyper::header::IF_MATCH,
+                len: long.len()
+            })
+        );
+        // The longest value a frame holds goes whole.
+        let longest = format!("\"0-0\"{}", " ".repeat(usize::from(u16::MAX) - 5));
+        let headers = if_match([longest.clone()]);
+        let req = delete_if_match(&headers);
+        assert_eq!(req.check(), Ok(()));
+        let mut out = BytesMut::new();
+        put_request(&mut out, 1, &req);
+        let got = decode_request(take_frame(&mut out).unwrap().unwrap()).unwrap();
+        assert_eq!(got.headers[hyper::header::IF_MATCH], longest.as_str());
+        // As many values as the count holds, and one more.
+        let values = |n: usize| if_match((0..n).map(|i| format!("\"0-{i}\"")));
+        assert_eq!(delete_if_match(&values(255)).check(), Ok(()));
+        assert_eq!(
+            delete_if_match(&values(256)).check(),
+            Err(HeaderError::TooMany(256))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_headers_do_not_fit_is_not_sent() {
+        let (addr, _server) = echo_node().await;
+        let headers = if_match(["x".repeat(70_000)]);
+        let links = Links::default();
+        let err = links
+            .send(&addr, delete_if_match(&headers), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Encode(_)), "{err:?}");
+        // Not even a connection was made for it.
+        assert!(links.links.read().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_answer_whose_headers_do_not_fit_is_a_500() {
+        let mut headers = HeaderMap::new();
+        let etag = HeaderValue::from_str(&"x".repeat(70_000)).unwrap();
+        headers.insert(hyper::header::ETAG, etag);
+        let mut buf = BytesMut::new();
+        put_answer(
+            &mut buf,
+            (3, StatusCode::OK, headers, Bytes::from_static(b"v")),
+        );
+        let (id, resp) = decode_response(take_frame(&mut buf).unwrap().unwrap()).unwrap();
+        assert_eq!((id, resp.status), (3, StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(resp.headers.is_empty() && resp.body.is_empty());
     }
 
     #[test]

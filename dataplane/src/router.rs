@@ -243,6 +243,20 @@ impl Router {
         } else {
             "; the write's outcome is unknown"
         };
+        let request = LinkRequest {
+            method: &method,
+            target: path_and_query,
+            headers,
+            pass: &FORWARD_REQUEST,
+            body: &body,
+        };
+        request.check().map_err(|e| {
+            ApiError::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request_header_fields_too_large",
+                format!("the request cannot be forwarded whole: {e}"),
+            )
+        })?;
         let mut hint: Option<String> = None;
         for attempt in 0..2 {
             let routing = self.routing();
@@ -260,13 +274,6 @@ impl Router {
                 STALE_READ_TIMEOUT.min(self.cfg.timeout)
             } else {
                 self.cfg.timeout
-            };
-            let request = LinkRequest {
-                method: &method,
-                target: path_and_query,
-                headers,
-                pass: &FORWARD_REQUEST,
-                body: &body,
             };
             let result = self.nodes.send(&addr, request, timeout).await;
             let retry = attempt == 0;
@@ -382,7 +389,8 @@ async fn forward_v1(State(r): RouterState, req: Request) -> Result<Response, Api
         Bytes::new()
     };
     let key = api::key_from_path(uri.path(), &r.cfg.limits)?;
-    if method == Method::PUT {
+    // Refused here as the node would refuse it, without a trip to the leader.
+    if method == Method::PUT || method == Method::DELETE {
         api::condition(&headers)?;
     }
     let stale = method == Method::GET && api::wants_stale(uri.query())?;

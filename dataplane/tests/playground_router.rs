@@ -450,6 +450,36 @@ async fn repeated_preconditions_get_the_nodes_answers_through_the_router() {
     assert_eq!(etag(&routed), v);
 }
 
+/// A precondition longer than the link carries (64 KiB a header) is never forwarded
+/// without it. An `If-Match` that long is one a node refuses, and the router gives the
+/// node's answer; an `If-None-Match` list that long, which a node would read, is 431. The
+/// key is unchanged.
+#[tokio::test]
+async fn a_precondition_too_long_for_the_link_is_refused_not_dropped() {
+    let k = OneKey::start().await;
+    let list = format!("\"0-0\"{},\"9-9\"", " ".repeat(70_000));
+    let foreign = format!("\"{}\"", "x".repeat(70_000));
+    for (value, answer) in [
+        (&list, (400, "invalid_precondition")),
+        (&foreign, (412, "precondition_failed")),
+    ] {
+        let (direct, routed) = k.both(Method::DELETE, &[("if-match", value)]).await;
+        assert_eq!(outcome(&direct), (answer.0, answer.1.to_string()));
+        assert_eq!(outcome(&routed), outcome(&direct));
+        k.unchanged().await;
+    }
+    let mut tags = vec!["\"0-0\""; 10_000];
+    tags.push(&k.version);
+    let tags = tags.join(", ");
+    let (direct, routed) = k.both(Method::GET, &[("if-none-match", &tags)]).await;
+    assert_eq!(direct.status, 304);
+    assert_eq!(
+        outcome(&routed),
+        (431, "request_header_fields_too_large".into())
+    );
+    assert!(json(&routed)["error"]["message"].as_str().unwrap().len() < 200);
+}
+
 /// A listen address may name its host (`localhost:0`), not only give its IP.
 #[tokio::test]
 async fn a_listen_address_may_be_a_host_name() {
