@@ -52,13 +52,19 @@ struct Routing {
 }
 
 impl Routing {
+    /// A topology to route by; it must assign every slot.
     fn new(topology: Topology) -> Result<Self, TopologyError> {
-        let owner = if topology.shards.is_empty() {
-            Vec::new()
-        } else {
-            topology.slot_table()?
-        };
+        let owner = topology.slot_table()?;
         Ok(Routing { topology, owner })
+    }
+
+    /// Nothing to route by: only a router's state before its first topology, as one
+    /// installed later would make every key unavailable until a restart.
+    fn empty() -> Self {
+        Routing {
+            topology: Topology::default(),
+            owner: Vec::new(),
+        }
     }
 
     fn shard(&self, slot: Slot) -> Option<&ShardInfo> {
@@ -107,7 +113,7 @@ impl Router {
     /// A router with the topology from `cfg.topology_file` if it exists, else empty.
     pub fn new(cfg: RouterConfig) -> Arc<Router> {
         let router = Arc::new(Router {
-            routing: RwLock::new(Arc::new(Routing::new(Topology::default()).expect("empty"))),
+            routing: RwLock::new(Arc::new(Routing::empty())),
             nodes: Links::default(),
             admin: AdminClient::new(Duration::from_millis(500)),
             metrics: Metrics::new(metrics::Exporter::Router),

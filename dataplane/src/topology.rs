@@ -101,6 +101,9 @@ pub enum TopologyError {
     /// The slot count is not 16384.
     #[error("topology declares {0} slots; distkv uses 16384")]
     SlotCount(u16),
+    /// No shard at all: every key would be unavailable.
+    #[error("topology has no shards; it must assign every slot to one")]
+    NoShards,
 }
 
 impl Topology {
@@ -108,6 +111,9 @@ impl Topology {
     pub fn slot_table(&self) -> Result<Vec<u32>, TopologyError> {
         if self.slots != SLOT_COUNT {
             return Err(TopologyError::SlotCount(self.slots));
+        }
+        if self.shards.is_empty() {
+            return Err(TopologyError::NoShards);
         }
         let mut owner = vec![u32::MAX; usize::from(SLOT_COUNT)];
         for (index, shard) in self.shards.iter().enumerate() {
@@ -174,5 +180,6 @@ mod tests {
         assert_eq!(overlap.slot_table(), Err(TopologyError::Overlap(100, 0, 1)));
         let reversed = topo(vec![vec![(5, 1)]]);
         assert_eq!(reversed.slot_table(), Err(TopologyError::BadRange(0, 5, 1)));
+        assert_eq!(topo(vec![]).slot_table(), Err(TopologyError::NoShards));
     }
 }

@@ -238,13 +238,13 @@ async fn lowered_key_limit_reaches_the_router_and_the_nodes() {
 }
 
 /// A router alone, its topology one shard led by `node`, started with `extra` flags.
-/// Returns the process (killed when dropped), its address, and its stdout, which stays
-/// open while it runs.
+/// Returns the process (killed when dropped), its address, its admin address, and its
+/// stdout, which stays open while it runs.
 fn start_router(
     dir: &Path,
     node: &NodeProc,
     extra: &[&str],
-) -> (Killed, String, impl Sized + Send + use<>) {
+) -> (Killed, String, String, impl Sized + Send + use<>) {
     let topology = Topology {
         version: 1,
         shards: vec![ShardInfo {
@@ -283,7 +283,8 @@ fn start_router(
         .unwrap()
         .trim()
         .to_string();
-    (router, addr, out)
+    let admin = lines[1].strip_prefix("admin ").unwrap().trim().to_string();
+    (router, addr, admin, out)
 }
 
 /// A router whose topology names a leader that does not lead (a replica never given a
@@ -293,7 +294,7 @@ fn start_router(
 async fn a_shard_whose_leader_does_not_lead_answers_503_leader_moved() {
     let tmp = tempfile::tempdir().unwrap();
     let node = NodeProc::start("s0-r0", &tmp.path().join("r0"), &[]);
-    let (_router, addr, _out) = start_router(tmp.path(), &node, &[]);
+    let (_router, addr, _admin, _out) = start_router(tmp.path(), &node, &[]);
     let http = Http::default();
     for r in [
         http.put(&addr, "k", "v").await,
@@ -314,7 +315,8 @@ async fn a_silent_leader_is_a_504_after_the_routers_timeout() {
     let tmp = tempfile::tempdir().unwrap();
     let node = NodeProc::start("s0-r0", &tmp.path().join("r0"), &[]);
     lead_alone(&node).await;
-    let (_router, addr, _out) = start_router(tmp.path(), &node, &["--request-timeout-ms", "300"]);
+    let (_router, addr, _admin, _out) =
+        start_router(tmp.path(), &node, &["--request-timeout-ms", "300"]);
     let http = Http::default();
     assert_eq!(http.put(&addr, "k", "v").await.status, 201);
     signal(node.pid(), libc::SIGSTOP);
@@ -362,6 +364,8 @@ fn outcome(r: &dataplane::client::Response) -> (u16, String) {
 struct OneKey {
     node: NodeProc,
     router: String,
+    /// The router's admin listener.
+    admin: String,
     /// The ETag of `k`.
     version: String,
     http: Http,
@@ -377,7 +381,7 @@ impl OneKey {
         let tmp = tempfile::tempdir().unwrap();
         let node = NodeProc::start("s0-r0", &tmp.path().join("r0"), &[]);
         lead_alone(&node).await;
-        let (killed, router, out) = start_router(tmp.path(), &node, &[]);
+        let (killed, router, admin, out) = start_router(tmp.path(), &node, &[]);
         let http = Http::default();
         let put = http.put(&router, "k", "v").await;
         assert_eq!(put.status, 201);
@@ -385,6 +389,7 @@ impl OneKey {
             version: etag(&put),
             node,
             router,
+            admin,
             http,
             _router: killed,
             _out: Box::new(out),
@@ -478,6 +483,29 @@ async fn a_precondition_too_long_for_the_link_is_refused_not_dropped() {
         (431, "request_header_fields_too_large".into())
     );
     assert!(json(&routed)["error"]["message"].as_str().unwrap().len() < 200);
+}
+
+/// A pushed topology without shards is refused, 400 `invalid_topology`, and the one in use
+/// stays: installed, it made every key answer 503 `no_topology` until a restart. No
+/// shards is only a router's state before its first topology.
+#[tokio::test]
+async fn a_pushed_topology_without_shards_is_refused() {
+    let k = OneKey::start().await;
+    let empty = Topology {
+        version: 2,
+        ..Topology::default()
+    };
+    let body = serde_json::to_vec(&empty).unwrap();
+    let path = "/internal/topology";
+    let pushed = k.http.req(Method::PUT, &k.admin, path, &[], body).await;
+    assert_eq!(outcome(&pushed), (400, "invalid_topology".into()));
+    let message = json(&pushed)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("no shards"), "{message}");
+    assert_eq!(json(&k.http.get(&k.admin, path).await)["version"], 1);
+    k.unchanged().await;
 }
 
 /// A listen address may name its host (`localhost:0`), not only give its IP.
