@@ -812,17 +812,22 @@ async fn install_snapshot(
     Query(q): Query<SnapshotQuery>,
     req: Request,
 ) -> Result<axum::Json<Position>, ApiError> {
-    node.observe_epoch(q.epoch);
-    let install = node
-        .store
-        .snapshot_begin(q.epoch)
-        .await
-        .map_err(store_error)?;
+    // A deposed leader's stream need not be read to be refused; the install checks the
+    // epoch again when it begins, as it may have risen meanwhile.
+    let current = node.store.state().epoch;
+    if q.epoch < current {
+        return Err(ApiError::stale_epoch(q.epoch, current));
+    }
     let mut stream = req.into_body().into_data_stream();
     let mut reader = SnapshotReader::default();
+    // The install wipes this replica, and the epoch it raises can depose a leader; a
+    // request is refused with nothing changed unless it carries a snapshot, so both wait
+    // for a header that checks out. A stream that breaks after it is a partial install,
+    // which the store discards (on the next entries or at reopen).
+    let mut install = None;
     loop {
-        // A sender that went quiet would leave this replica wiped and half installed; it
-        // gives up, and the leader starts over.
+        // A sender that went quiet after its header would leave this replica wiped and
+        // half installed; it gives up, and the leader starts over.
         let next = tokio::time::timeout(SNAPSHOT_STALL, stream.next())
             .await
             .map_err(|_| {
@@ -835,7 +840,18 @@ async fn install_snapshot(
         let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_snapshot", e.to_string()))?;
         let records = reader.push(&chunk).map_err(store_error)?;
-        if !records.is_empty() {
+        if install.is_none() && reader.header().is_some() {
+            node.observe_epoch(q.epoch);
+            let begun = node
+                .store
+                .snapshot_begin(q.epoch)
+                .await
+                .map_err(store_error)?;
+            install = Some(begun);
+        }
+        if let Some(install) = install
+            && !records.is_empty()
+        {
             node.store
                 .snapshot_chunk(install, records)
                 .await
@@ -843,6 +859,7 @@ async fn install_snapshot(
         }
     }
     let at = reader.finish().map_err(store_error)?;
+    let install = install.expect("a stream that arrived whole had a header, which began it");
     node.store
         .snapshot_end(install, at)
         .await

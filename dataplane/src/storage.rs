@@ -547,6 +547,10 @@ impl Store {
     /// Starts replacing all data with a snapshot sent by the leader at `epoch`. Returns
     /// the install's number, which its chunks and end must name: they are refused once
     /// another install began or a higher epoch was seen.
+    ///
+    /// This wipes the replica at once, so a receiver calls it only once the stream's
+    /// header has arrived and checked out ([`SnapshotReader::header`]): a request whose
+    /// body is no snapshot must be refused with the replica as it was.
     pub async fn snapshot_begin(&self, epoch: u64) -> Result<u64, StoreError> {
         self.call(|reply| Command::SnapshotBegin { epoch, reply })
             .await
@@ -795,13 +799,16 @@ impl SnapshotCodec {
 
     /// Takes the header off the front of `buf` once it has arrived whole.
     fn take_header(buf: &mut BytesMut) -> Result<Option<Position>, StoreError> {
-        if buf.len() < SNAPSHOT_HEADER {
-            return Ok(None);
-        }
-        if &buf[..8] != SNAPSHOT_MAGIC {
+        // The magic is checked on as much of it as has arrived, so a stream of another
+        // version, or not a snapshot at all, is refused before a receiver waits for more.
+        let magic = buf.len().min(SNAPSHOT_MAGIC.len());
+        if buf[..magic] != SNAPSHOT_MAGIC[..magic] {
             return Err(StoreError::BadSnapshot(
                 "not a snapshot stream of this version of distkv".into(),
             ));
+        }
+        if buf.len() < SNAPSHOT_HEADER {
+            return Ok(None);
         }
         buf.advance(8);
         let epoch = buf.get_u64();
@@ -893,6 +900,11 @@ impl SnapshotReader {
             self.ended = true;
         }
         Ok(records)
+    }
+
+    /// The position in the stream's header, once the header has arrived and checked out.
+    pub fn header(&self) -> Option<Position> {
+        self.at
     }
 
     /// The position the snapshot was taken at, if the stream arrived whole.

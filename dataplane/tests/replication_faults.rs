@@ -96,6 +96,80 @@ async fn a_malformed_batch_is_refused_and_changes_nothing() {
     );
 }
 
+/// A body that is no snapshot of this version (empty, garbage, a whole stream of version
+/// 1, which was its header alone for an empty store) is refused with 400 `invalid_snapshot` before anything changes: the
+/// follower keeps its keys, digest and values, and its epoch though the request names a
+/// higher one (which would depose its leader), and it goes on following. Before, the
+/// install began, wiping the follower, before the body was read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_no_snapshot_is_refused_and_changes_nothing() {
+    let shard = Shard::start(2, AckMode::Sync, &[]);
+    shard.assign(0, 1, &[0, 1]).await;
+    let (leader, follower) = (&shard.nodes[0].addr, &shard.nodes[1].addr);
+    write_all(leader, "k", 20).await;
+    let before = shard.converged(0, 1, Duration::from_secs(20)).await;
+    assert_eq!(before.keys, 20);
+    // Version 1 had the same header but for its magic, and no end.
+    let mut older = b"DKVSNAP1".to_vec();
+    older.extend(before.last_epoch.to_be_bytes());
+    older.extend(before.last_seq.to_be_bytes());
+    let garbage = b"this is not a snapshot stream at all; ".repeat(4);
+    let http = Http::default();
+    for (what, body) in [
+        ("empty", Vec::new()),
+        ("garbage", garbage),
+        ("version 1", older),
+    ] {
+        for epoch in [before.epoch, before.epoch + 4] {
+            let path = format!("/internal/snapshot?epoch={epoch}");
+            let r = http
+                .req(Method::POST, follower, &path, &[], body.clone())
+                .await;
+            let what = format!("{what} body at epoch {epoch}");
+            assert_eq!(
+                r.status,
+                400,
+                "{what}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+            assert_eq!(error_code(&r), "invalid_snapshot", "{what}");
+            let after = shard.verified(1).await;
+            assert_eq!(
+                (after.epoch, after.role, after.last_epoch, after.last_seq),
+                (
+                    before.epoch,
+                    before.role,
+                    before.last_epoch,
+                    before.last_seq
+                ),
+                "{what}"
+            );
+            assert_eq!(
+                (after.keys, &after.digest, after.log_start_seq),
+                (before.keys, &before.digest, before.log_start_seq),
+                "{what}"
+            );
+            for i in 0..20 {
+                let r = http
+                    .get(follower, &format!("/v1/kv/k-{i}?consistency=stale"))
+                    .await;
+                assert_eq!(
+                    (r.status.as_u16(), &r.body[..]),
+                    (200, format!("v{i}").as_bytes()),
+                    "{what}: k-{i}"
+                );
+            }
+        }
+    }
+    // The leader still leads at its epoch with the follower in sync: a write reaches both.
+    write_all(leader, "after", 16).await;
+    let end = shard.converged(0, 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        (end.keys, end.epoch, end.snapshots_installed),
+        (36, before.epoch, 0)
+    );
+}
+
 /// kill -9 of a node in the middle of a write batch: after a restart the store opens and
 /// holds every write it acknowledged, with the acknowledged version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -453,15 +453,19 @@ fn records_of(chunks: &[Bytes]) -> Vec<SnapshotRecord> {
 /// `epoch`: the stream arrives in pieces of `piece` bytes, which cut records anywhere.
 async fn install(store: &Store, epoch: u64, chunks: &[Bytes], piece: usize) -> LogState {
     let stream = chunks.concat();
-    let id = store.snapshot_begin(epoch).await.unwrap();
+    let mut id = None;
     let mut reader = SnapshotReader::default();
     for part in stream.chunks(piece) {
         let records = reader.push(part).unwrap();
+        if id.is_none() && reader.header().is_some() {
+            id = Some(store.snapshot_begin(epoch).await.unwrap());
+        }
         if !records.is_empty() {
-            store.snapshot_chunk(id, records).await.unwrap();
+            store.snapshot_chunk(id.unwrap(), records).await.unwrap();
         }
     }
     let at = reader.finish().expect("the stream arrived whole");
+    let id = id.expect("begun at the header");
     let st = store.snapshot_end(id, at).await.unwrap();
     assert_eq!((st.last, st.base), (at, at));
     st
@@ -1259,6 +1263,17 @@ async fn a_snapshot_stream_counts_only_when_it_arrives_whole() {
     older[..8].copy_from_slice(b"DKVSNAP1");
     assert!(bad(SnapshotReader::default().push(&older)));
     assert!(bad(SnapshotReader::default().push(&[0u8; 64])));
+    // A receiver begins the install, which wipes it, once the header is known good: the
+    // header is known only once whole, and another version or garbage is refused on its
+    // first bytes rather than once 24 have arrived.
+    let mut reader = SnapshotReader::default();
+    for piece in stream[..24].chunks(5) {
+        assert_eq!(reader.header(), None);
+        assert!(reader.push(piece).unwrap().is_empty());
+    }
+    assert_eq!(reader.header(), Some(at));
+    assert!(bad(SnapshotReader::default().push(b"DKVSNAP1")));
+    assert!(bad(SnapshotReader::default().push(b"{}")));
     close(source).await;
 }
 
