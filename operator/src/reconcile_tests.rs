@@ -571,6 +571,28 @@ async fn changing_storage_is_refused_instead_of_failing_every_apply() {
 }
 
 #[tokio::test]
+async fn an_image_upgrade_is_applied_to_every_shard_and_the_router() {
+    let mut h = Harness::new("  shards: 2\n  replicasPerShard: 2\n  image: distkv:v1\n");
+    h.start_pods();
+    h.round(0).await;
+
+    h.kvc.spec.image = "distkv:v2".into();
+    h.kvc.metadata.generation = Some(2);
+    h.round(1000).await;
+    for path in [
+        "/apis/apps/v1/namespaces/kv/statefulsets/demo-s0",
+        "/apis/apps/v1/namespaces/kv/statefulsets/demo-s1",
+        "/apis/apps/v1/namespaces/kv/deployments/demo-router",
+    ] {
+        let object = h.api.object(path).unwrap();
+        assert_eq!(
+            object["spec"]["template"]["spec"]["containers"][0]["image"], "distkv:v2",
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_kvcluster_being_deleted_is_left_to_the_garbage_collector() {
     let mut h = Harness::new("  shards: 1\n  replicasPerShard: 2\n");
     h.start_pods();

@@ -38,7 +38,8 @@ struct ApiState {
 }
 
 /// An in-memory API server understanding what the operator does: server-side apply
-/// (stored as sent), status apply, listing and deleting pods, creating Events.
+/// (stored as sent, but refusing changed StatefulSet volumeClaimTemplates), status apply,
+/// listing and deleting pods, creating Events.
 #[derive(Clone, Default)]
 pub struct FakeApi {
     state: Arc<Mutex<ApiState>>,
@@ -157,6 +158,19 @@ impl FakeApi {
                 object["metadata"]["resourceVersion"] = json!(rv);
                 st.objects.insert(object_path, object.clone());
                 reply(StatusCode::OK, &object)
+            }
+            Method::PATCH
+                if path.contains("/statefulsets/")
+                    && st.objects.get(&path).is_some_and(|stored| {
+                        stored["spec"]["volumeClaimTemplates"]
+                            != body["spec"]["volumeClaimTemplates"]
+                    }) =>
+            {
+                // As the real API server: a StatefulSet's volumeClaimTemplates never change.
+                reply(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Invalid", "code": 422, "message": "StatefulSet.apps is invalid: spec: Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden"}),
+                )
             }
             Method::PATCH => {
                 let mut object = body;

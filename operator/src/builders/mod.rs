@@ -123,14 +123,22 @@ impl<'a> ClusterRef<'a> {
         labels
     }
 
-    /// Every label an object carries: the selector labels plus the recommended ones.
-    pub fn labels(&self, selector: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    /// The selector labels plus the recommended labels that never change for the life of
+    /// an object; the only ones a StatefulSet's volumeClaimTemplates may carry, since the
+    /// API server refuses any later change to those.
+    pub fn stable_labels(&self, selector: &BTreeMap<String, String>) -> BTreeMap<String, String> {
         let mut labels = selector.clone();
         labels.insert("app.kubernetes.io/part-of".into(), "distkv".into());
         labels.insert(
             "app.kubernetes.io/managed-by".into(),
             "distkv-operator".into(),
         );
+        labels
+    }
+
+    /// Every label an object carries: the stable labels plus the version of its image.
+    pub fn labels(&self, selector: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut labels = self.stable_labels(selector);
         if let Some(tag) = image_tag(&self.spec.image) {
             labels.insert("app.kubernetes.io/version".into(), tag);
         }

@@ -142,7 +142,7 @@ fn volume_claim(
     PersistentVolumeClaim {
         metadata: ObjectMeta {
             name: Some(DATA_VOLUME.into()),
-            labels: Some(cluster.labels(labels)),
+            labels: Some(cluster.stable_labels(labels)),
             ..ObjectMeta::default()
         },
         spec: Some(PersistentVolumeClaimSpec {
@@ -288,6 +288,28 @@ mod tests {
                 .iter()
                 .any(|m| m.name == "data" && m.mount_path == "/data")
         );
+    }
+
+    #[test]
+    fn volume_claim_templates_do_not_change_with_the_image() {
+        // The API server refuses any change to volumeClaimTemplates, so one that followed
+        // the image would make every upgrade's apply fail.
+        let spec = "  shards: 1\n  replicasPerShard: 1\n  image: reg.io/distkv:";
+        let claims = |tag: &str| {
+            build(&format!("{spec}{tag}\n"), 0, 1)
+                .spec
+                .unwrap()
+                .volume_claim_templates
+        };
+        let (old, new) = (claims("1.0.0"), claims("1.1.0"));
+        assert_eq!(old, new);
+        let labels = old.unwrap()[0].metadata.labels.clone().unwrap();
+        assert!(
+            !labels.contains_key("app.kubernetes.io/version"),
+            "{labels:?}"
+        );
+        assert_eq!(labels["app.kubernetes.io/instance"], "demo");
+        assert_eq!(labels[SHARD_LABEL], "0");
     }
 
     #[test]
