@@ -197,11 +197,32 @@ done
 
 # --- the load-test Job ------------------------------------------------------------------
 check "loadtest/job.yaml against the Kubernetes schemas" validate_k8s loadtest/job.yaml
+# The Job reaches the cluster docs/kubernetes.md's walkthrough creates (examples/kvcluster.yaml
+# in namespace distkv), and keeps its reports on a claim of its own: the image has no tar,
+# so nothing can be copied out of the Job's pod itself.
+job_matches_walkthrough() {
+    "$VENV/bin/python" - examples/kvcluster.yaml loadtest/job.yaml <<'PY'
+import sys, yaml
+kvc = yaml.safe_load(open(sys.argv[1]))
+docs = [d for d in yaml.safe_load_all(open(sys.argv[2])) if d]
+job = next(d for d in docs if d["kind"] == "Job")
+claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+want = f"--host=http://{kvc['metadata']['name']}-router:{kvc['spec']['router'].get('port', 8080)}"
+pod = job["spec"]["template"]["spec"]
+assert want in pod["containers"][0]["args"], (want, pod["containers"][0]["args"])
+for d in docs:
+    assert d["metadata"].get("namespace") == "distkv", d["metadata"]
+mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/reports")
+volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+assert volume.get("persistentVolumeClaim", {}).get("claimName") in claims, volume
+PY
+}
+check "loadtest/job.yaml targets the walkthrough's cluster and keeps reports on its claim" job_matches_walkthrough
 if [[ -n ${LOADTEST:-} && -x ${LOADTEST:-} ]]; then
     job_args_parse() { # the Job's arguments are accepted by the real distkv-loadtest
         "$VENV/bin/python" - "$1" >"$OUT/job-argv.txt" <<'PY'
 import sys, yaml
-job = yaml.safe_load(open(sys.argv[1]))
+job = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "Job")
 c = job["spec"]["template"]["spec"]["containers"][0]
 print("\t".join(c.get("args", [])))
 PY
