@@ -68,6 +68,10 @@ pub fn shard_statefulset(cluster: &ClusterRef<'_>, shard: u32, replicas: i32) ->
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }]),
+        // The node opens its data directory, repairing it if needed, before it listens:
+        // up to 10 minutes before liveness starts counting, which would otherwise kill it
+        // after about 70 s and start the repair over.
+        startup_probe: Some(http_probe("/healthz", 0, 5, 120)),
         readiness_probe: Some(http_probe("/readyz", 2, 5, 3)),
         liveness_probe: Some(http_probe("/healthz", 10, 10, 6)),
         resources: Some(
@@ -319,6 +323,20 @@ mod tests {
         let path = |p: &Option<Probe>| p.as_ref().unwrap().http_get.as_ref().unwrap().path.clone();
         assert_eq!(path(&c.readiness_probe).as_deref(), Some("/readyz"));
         assert_eq!(path(&c.liveness_probe).as_deref(), Some("/healthz"));
+    }
+
+    #[test]
+    fn liveness_waits_for_a_startup_probe_that_allows_ten_minutes() {
+        // A node opens (and may repair) its data directory before it listens; liveness
+        // alone would restart it after about 70 s, in the middle of that.
+        let sts = build("  shards: 1\n  replicasPerShard: 1\n", 0, 1);
+        let c = &pod_spec(&sts).containers[0];
+        let startup = c.startup_probe.as_ref().expect("a startup probe");
+        let get = startup.http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some("/healthz"));
+        assert_eq!(get.port, IntOrString::String("http".into()));
+        let allowed = startup.period_seconds.unwrap() * startup.failure_threshold.unwrap();
+        assert!(allowed >= 600, "only {allowed}s to start");
     }
 
     #[test]
