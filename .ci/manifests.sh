@@ -132,6 +132,38 @@ check "chart RBAC is least privilege (no wildcards, no secrets)" \
     bash -c "! grep -nE \"'\\*'|\\\"\\*\\\"|- \\*|secrets\" '$OUT/helm-defaults.yaml'"
 check "chart RBAC may set blockOwnerDeletion on owned objects (kvclusters/finalizers)" \
     grep -q 'resources: \["kvclusters/finalizers"\]' "$OUT/helm-defaults.yaml"
+# The operator's role grants exactly the calls operator/src makes (a new call needs its
+# verb here and in the chart), and the leader-election Role reaches only the Lease named by
+# the Deployment's --lease-name.
+rbac_is_what_the_operator_uses() {
+    "$VENV/bin/python" - "$1" "$2" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+kind = sys.argv[2]
+def grants(role):
+    return {(g, r, v, tuple(rule.get("resourceNames", [])))
+            for rule in role["rules"] for g in rule["apiGroups"]
+            for r in rule["resources"] for v in rule["verbs"]}
+role = next(d for d in docs if d["kind"] == kind and not d["metadata"]["name"].endswith("-leader-election"))
+want = {("distkv.io", "kvclusters", v, ()) for v in ("list", "watch")}
+want |= {("distkv.io", "kvclusters/status", "patch", ()), ("distkv.io", "kvclusters/finalizers", "update", ())}
+want |= {(g, r, v, ()) for g, r in [("apps", "statefulsets"), ("apps", "deployments"), ("", "services"),
+                                    ("policy", "poddisruptionbudgets")] for v in ("create", "patch")}
+want |= {("", "pods", v, ()) for v in ("list", "watch", "delete")}
+want |= {("events.k8s.io", "events", "create", ())}
+assert grants(role) == want, {"extra": grants(role) - want, "missing": want - grants(role)}
+args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+lease = next(a.split("=", 1)[1] for a in args if a.startswith("--lease-name="))
+election = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-leader-election"))
+want = {("coordination.k8s.io", "leases", "create", ())}
+want |= {("coordination.k8s.io", "leases", v, (lease,)) for v in ("get", "update")}
+assert grants(election) == want, {"extra": grants(election) - want, "missing": want - grants(election)}
+PY
+}
+check "chart ClusterRole grants exactly what the operator uses" \
+    rbac_is_what_the_operator_uses "$OUT/helm-defaults.yaml" ClusterRole
+check "chart Role (watchNamespace) grants exactly what the operator uses" \
+    rbac_is_what_the_operator_uses "$OUT/helm-namespaced.yaml" Role
 netpols_in_watched_namespace() { # with watchNamespace set, the policies protect its pods
     "$HELM" template distkv charts/distkv --namespace distkv-system --set operator.watchNamespace=kv \
         | "$VENV/bin/python" -c '

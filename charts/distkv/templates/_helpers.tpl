@@ -34,6 +34,12 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{- end -}}
 
+{{/* The operator's leader-election Lease: its --lease-name and the only Lease its Role
+     may read and update. */}}
+{{- define "distkv.leaseName" -}}
+{{- printf "%s-operator" (include "distkv.fullname" .) -}}
+{{- end -}}
+
 {{- define "distkv.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
