@@ -801,6 +801,63 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_docs_list_every_event_reason() {
+        use dataplane::control::Unavailable;
+        let docs = include_str!("../../docs/kubernetes.md");
+        let shard = 0;
+        let replica = || "s0-r0".to_string();
+        // One of each variant; event_reason's exhaustive match names any new one.
+        let control = [
+            ControlEvent::Promoted {
+                shard,
+                replica: replica(),
+                epoch: 1,
+                previous: None,
+            },
+            ControlEvent::Promoted {
+                shard,
+                replica: replica(),
+                epoch: 2,
+                previous: Some("s0-r1".into()),
+            },
+            ControlEvent::Adopted {
+                shard,
+                replica: replica(),
+                epoch: 1,
+            },
+            ControlEvent::Demoted {
+                shard,
+                replica: replica(),
+                stale_epoch: 1,
+                epoch: 2,
+            },
+            ControlEvent::InSyncChanged {
+                shard,
+                in_sync: vec![replica()],
+            },
+            ControlEvent::ShardUnavailable {
+                shard,
+                reason: Unavailable::NoInSyncReplica,
+            },
+            ControlEvent::ShardAvailable { shard },
+        ];
+        let reasons = control.iter().map(|e| event_reason(e).1);
+        // A refused spec is announced with its Degraded reason.
+        let refused = [
+            "InvalidSpec",
+            "InvalidName",
+            "ReshardingUnsupported",
+            "StorageImmutable",
+        ];
+        for reason in reasons.chain(refused) {
+            assert!(
+                docs.contains(&format!("`{reason}`")),
+                "docs/kubernetes.md does not list the {reason} Event"
+            );
+        }
+    }
+
+    #[test]
     fn backoff_doubles_to_a_minute() {
         assert_eq!(backoff(1), Duration::from_millis(500));
         assert_eq!(backoff(2), Duration::from_secs(1));
