@@ -540,6 +540,7 @@ async fn apply_objects(
     }
     apply(ctx, namespace, &objects.router_deployment).await?;
     apply(ctx, namespace, &objects.router_service).await?;
+    apply(ctx, namespace, &objects.router_pdb).await?;
     ctx.memory(key, |m| m.applied = Some((fingerprint, Instant::now())));
     Ok(())
 }
@@ -555,6 +556,7 @@ fn fingerprint(objects: &ClusterObjects) -> u64 {
     }
     feed(&objects.router_deployment);
     feed(&objects.router_service);
+    feed(&objects.router_pdb);
     hasher.finish()
 }
 

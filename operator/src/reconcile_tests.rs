@@ -160,6 +160,7 @@ async fn creating_a_kvcluster_applies_the_expected_objects() {
             "/apis/policy/v1/namespaces/kv/poddisruptionbudgets/demo-s1",
             "/apis/apps/v1/namespaces/kv/deployments/demo-router",
             "/api/v1/namespaces/kv/services/demo-router",
+            "/apis/policy/v1/namespaces/kv/poddisruptionbudgets/demo-router",
         ]
     );
     for p in &patches {

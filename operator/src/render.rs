@@ -96,7 +96,8 @@ fn push_objects(out: &mut String, objects: &ClusterObjects) -> Result<(), Render
         push(out, &shard.pdb)?;
     }
     push(out, &objects.router_deployment)?;
-    push(out, &objects.router_service)
+    push(out, &objects.router_service)?;
+    push(out, &objects.router_pdb)
 }
 
 fn push<K: Serialize + kube::Resource<DynamicType = ()>>(
@@ -134,7 +135,7 @@ mod tests {
         let count = |k: &str| kinds.iter().filter(|&&x| x == k).count();
         let shards = parse_clusters(EXAMPLE).unwrap()[0].spec.shards as usize;
         assert_eq!(count("StatefulSet"), shards);
-        assert_eq!(count("PodDisruptionBudget"), shards);
+        assert_eq!(count("PodDisruptionBudget"), shards + 1);
         assert_eq!(count("Service"), shards + 1);
         assert_eq!(count("Deployment"), 1);
         for doc in &docs {

@@ -20,7 +20,7 @@ use kube::Resource;
 
 use crate::crd::{AntiAffinity, KvCluster, KvClusterSpec};
 
-pub use pdb::shard_pdb;
+pub use pdb::{router_pdb, shard_pdb};
 pub use router::router_deployment;
 pub use service::{router_service, shard_service};
 pub use statefulset::shard_statefulset;
@@ -307,6 +307,8 @@ pub struct ClusterObjects {
     pub router_deployment: k8s_openapi::api::apps::v1::Deployment,
     /// The router Service.
     pub router_service: k8s_openapi::api::core::v1::Service,
+    /// At most one router voluntarily down at a time.
+    pub router_pdb: k8s_openapi::api::policy::v1::PodDisruptionBudget,
 }
 
 /// The objects of one shard.
@@ -334,6 +336,7 @@ pub fn build_all(cluster: &ClusterRef<'_>, replicas: impl Fn(u32) -> i32) -> Clu
         shards,
         router_deployment: router_deployment(cluster),
         router_service: router_service(cluster),
+        router_pdb: router_pdb(cluster),
     }
 }
 
@@ -390,7 +393,7 @@ mod tests {
     }
 
     #[test]
-    fn build_all_makes_three_objects_per_shard_and_two_for_routers() {
+    fn build_all_makes_three_objects_per_shard_and_three_for_routers() {
         let kvc = cluster("  shards: 3\n  replicasPerShard: 2\n");
         let c = ClusterRef::new(&kvc, "default").unwrap();
         let objects = build_all(&c, |_| 2);
@@ -412,6 +415,10 @@ mod tests {
         }
         assert_eq!(
             objects.router_deployment.metadata.name.as_deref(),
+            Some("demo-router")
+        );
+        assert_eq!(
+            objects.router_pdb.metadata.name.as_deref(),
             Some("demo-router")
         );
     }
