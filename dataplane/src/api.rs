@@ -13,6 +13,10 @@ use crate::storage::{Condition, Position};
 /// HTTP layer refuses beyond 64 KiB.
 pub const MAX_KEY_LIMIT: usize = 32 << 10;
 
+/// The highest value limit a node or router takes: a value is one request in memory at
+/// every hop, and a link queues at most 64 MiB for a node.
+pub const MAX_VALUE_LIMIT: usize = 64 << 20;
+
 /// Size limits enforced before anything is stored.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {

@@ -60,8 +60,8 @@ struct LimitArgs {
     /// Longest key accepted, in bytes (1 to 32768: a key travels in the URL).
     #[arg(long, default_value_t = 1024, value_parser = |s: &str| byte_limit(s, dataplane::api::MAX_KEY_LIMIT))]
     max_key_bytes: usize,
-    /// Largest value accepted, in bytes.
-    #[arg(long, default_value_t = 1 << 20, value_parser = |s: &str| byte_limit(s, usize::MAX))]
+    /// Largest value accepted, in bytes (1 to 67108864).
+    #[arg(long, default_value_t = 1 << 20, value_parser = |s: &str| byte_limit(s, dataplane::api::MAX_VALUE_LIMIT))]
     max_value_bytes: usize,
 }
 
@@ -175,7 +175,6 @@ fn parse_mode(s: &str) -> Result<AckMode, String> {
 fn byte_limit(s: &str, max: usize) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=max).contains(&n) => Ok(n),
-        _ if max == usize::MAX => Err(format!("{s} is not a number of bytes of at least 1")),
         _ => Err(format!("{s} is not a number of bytes from 1 to {max}")),
     }
 }

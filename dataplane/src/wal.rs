@@ -115,7 +115,14 @@ impl Wal {
     pub fn append(&mut self, batch: &WalBatch) -> std::io::Result<()> {
         // The payload is encoded after room for the header, which is filled in after.
         let mut frame = postcard::to_extend(batch, vec![0u8; 8]).map_err(std::io::Error::other)?;
-        let len = (frame.len() - 8) as u32;
+        // Never wraps: a wrapped length would make this batch, and every one after it in
+        // the file, unreadable at replay, after they were acknowledged.
+        let len = u32::try_from(frame.len() - 8).map_err(|_| {
+            std::io::Error::other(format!(
+                "a batch of {} bytes is too large for one frame",
+                frame.len()
+            ))
+        })?;
         let crc = crc32(&frame[8..]);
         frame[..4].copy_from_slice(&len.to_le_bytes());
         frame[4..8].copy_from_slice(&crc.to_le_bytes());

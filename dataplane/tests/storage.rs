@@ -1840,6 +1840,46 @@ async fn large_values_round_trip_across_a_crash_and_a_restart() {
 // distkv inspect
 // ---------------------------------------------------------------------------------------
 
+/// The largest group commit seen.
+#[derive(Default)]
+struct LargestCommit(AtomicUsize);
+
+impl dataplane::storage::CommitObserver for LargestCommit {
+    fn committed(&self, requests: usize, _: f64) {
+        self.0.fetch_max(requests, Ordering::Relaxed);
+    }
+}
+
+/// Large values queued at once are committed in several batches of at most 64 MiB (and
+/// one value), not in one frame whose length would not fit its 32 bits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_commit_holds_at_most_64_mib_of_values() {
+    let dir = tempdir().unwrap();
+    let largest = Arc::new(LargestCommit::default());
+    let observer = largest.clone();
+    let path = dir.path().to_path_buf();
+    let store = tokio::task::spawn_blocking(move || Store::open(&path, observer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.raise_epoch(1).await, Ok(1));
+    let value = Bytes::from(vec![7u8; 1 << 20]);
+    let keys: Vec<String> = (0..80).map(|i| format!("big-{i}")).collect();
+    join_all(
+        keys.iter()
+            .map(|k| put(&store, 1, k.as_bytes(), value.clone())),
+    )
+    .await;
+    let most = largest.0.load(Ordering::Relaxed);
+    assert!(
+        (1..=65).contains(&most),
+        "a commit of {most} values of 1 MiB"
+    );
+    for k in &keys {
+        assert_eq!(get(&store, k.as_bytes()).unwrap().1.len(), 1 << 20);
+    }
+}
+
 /// A closed store still answers reads and refuses writes; a reopen finds every key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_store_still_reads_refuses_writes_and_reopens_with_every_key() {

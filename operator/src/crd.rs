@@ -291,7 +291,7 @@ pub struct LimitsSpec {
     pub max_key_bytes: Option<u32>,
     /// Largest value in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 67108864))]
+    #[schemars(range(min = 1, max = dataplane::api::MAX_VALUE_LIMIT))]
     pub max_value_bytes: Option<u32>,
 }
 
