@@ -71,7 +71,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 10, value_parser = parse_at_least_one::<u64>)]
     timeout_secs: u64,
     /// Stay alive this long after writing the reports (e.g. 10m), so they can be copied
-    /// out of a Job's pod with `kubectl cp` before its emptyDir goes away.
+    /// out of the pod with `kubectl cp`, which needs `tar` in the image (the distkv image
+    /// has none: loadtest/job.yaml keeps its reports on a volume instead).
     #[arg(long, value_parser = loadtest::duration::parse_secs)]
     linger: Option<u64>,
 }
