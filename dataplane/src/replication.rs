@@ -6,6 +6,12 @@
 //! its log where an entry's epoch differs (a suffix no leader ever committed). When the
 //! leader has trimmed the part of its log a follower needs, it sends a snapshot instead.
 //!
+//! A follower cannot cut at or below its base (what it trimmed, or took from a snapshot):
+//! it trusts the leader's entries up to there only once the leader's log shows the base's
+//! own `(epoch, seq)`. In async mode a new leader may lack entries the old one counted as
+//! committed, and a follower may have trimmed them; such a follower answers
+//! [`AppendOutcome::Diverged`] and the leader sends it a snapshot.
+//!
 //! The first half of this module is those rules as pure functions over [`LogIndex`]; the
 //! second half is the leader's side at run time: one task per follower and the commit
 //! position that sync-mode writes wait for.
@@ -52,6 +58,9 @@ pub enum AppendPlan {
         /// `prev` is here under another epoch: that epoch and the first seq of it here.
         conflict: Option<Position>,
     },
+    /// The leader's log differs from this one at or below its base; write nothing. The
+    /// entries there cannot be cut, so only a snapshot brings this log level.
+    Diverged,
 }
 
 /// How far back a follower looks for the start of a conflicting epoch; bounds the work of
@@ -73,9 +82,12 @@ pub fn plan_append<L: LogIndex>(
         // A gap: the follower is behind what the leader assumed.
         return Ok(AppendPlan::Mismatch { conflict: None });
     }
-    // Entries up to the base are committed and already reflected here.
+    if below_base_differs(base, epoch, prev, entries, leader_last) {
+        return Ok(AppendPlan::Diverged);
+    }
+    // Entries up to the base are reflected here, unless the batch showed otherwise above.
     let mut skip = base.seq.saturating_sub(prev.seq).min(entries.len() as u64) as usize;
-    if prev.seq >= base.seq {
+    if prev.seq > base.seq {
         let here = log.epoch_at(prev.seq)?;
         if here != Some(prev.epoch) {
             let Some(epoch) = here else {
@@ -127,6 +139,34 @@ pub fn plan_append<L: LogIndex>(
     })
 }
 
+/// Whether the leader at `epoch`, whose log holds `prev` then `entries` and ends at
+/// `leader_last`, differs from a follower's log at or below the follower's `base`.
+///
+/// The follower no longer holds the entries up to its base, so it compares the one thing
+/// it kept: the base's `(epoch, seq)`. Matching there makes both logs identical up to it
+/// (log matching); differing anywhere up to it means entries this follower took as
+/// committed never reached this leader. Where the batch does not show the leader's entry
+/// at the base yet, the follower's entries there have epochs up to the base's: one above
+/// it in the batch already differs, and a leader whose log ends before the base will put
+/// entries of its own epoch there. Otherwise nothing is known yet, and nothing differs.
+fn below_base_differs(
+    base: Position,
+    epoch: u64,
+    prev: Position,
+    entries: &[Position],
+    leader_last: u64,
+) -> bool {
+    if prev.seq >= base.seq {
+        return prev.seq == base.seq && prev.epoch != base.epoch;
+    }
+    if let Some(at_base) = entries.get((base.seq - prev.seq - 1) as usize) {
+        return at_base.epoch != base.epoch;
+    }
+    prev.epoch > base.epoch
+        || entries.iter().any(|p| p.epoch > base.epoch)
+        || (leader_last < base.seq && base.epoch < epoch)
+}
+
 /// How much of its log a follower may count as committed after appending `sent` entries
 /// after `prev` with the leader's `commit`: only what this round matched against the
 /// leader's log. A longer suffix here may still diverge, and what counts as committed is
@@ -139,7 +179,7 @@ pub fn known_committed(
 ) -> Option<u64> {
     match outcome {
         AppendOutcome::Appended { .. } => Some(commit.min(prev.seq + sent)),
-        AppendOutcome::Mismatch { .. } => None,
+        AppendOutcome::Mismatch { .. } | AppendOutcome::Diverged { .. } => None,
     }
 }
 
@@ -498,17 +538,26 @@ pub async fn stream_to_follower(
     let mut changes = store.subscribe_staged();
     // Optimistic start: assume the follower is level; a mismatch walks back.
     let mut next = store.staged().last.seq + 1;
+    // The follower's log differs below its base: no entries fix that, whatever this log
+    // still holds.
+    let mut diverged = false;
     let mut backoff = Backoff::default();
     loop {
         if leadership.deposed().is_some() {
             return;
         }
-        let step = match step_from(&store, next) {
+        let step = if diverged {
+            NextStep::Snapshot
+        } else {
+            step_from(&store, next)
+        };
+        let step = match step {
             NextStep::Snapshot => {
                 match send_snapshot(&leadership, &peer, &http, &cfg).await {
                     Ok(at) => {
                         leadership.record_ack(&peer.id, at.seq);
                         next = at.seq + 1;
+                        diverged = false;
                         backoff = Backoff::default();
                     }
                     Err(e) => {
@@ -548,6 +597,10 @@ pub async fn stream_to_follower(
                     NextStep::Snapshot => 0,
                 };
             }
+            Ok(Sent::Diverged { base }) => {
+                tracing::warn!(follower = %peer.id, ?base, "follower's log differs at or below its base");
+                diverged = true;
+            }
             Err(StreamError::Stale(epoch)) => {
                 leadership.depose(epoch);
                 return;
@@ -585,6 +638,9 @@ enum Sent {
         prev: Position,
         last: Position,
         conflict: Option<Position>,
+    },
+    Diverged {
+        base: Position,
     },
 }
 
@@ -660,6 +716,7 @@ async fn replicate_once(
             last,
             conflict,
         },
+        AppendOutcome::Diverged { base } => Sent::Diverged { base },
     })
 }
 
@@ -904,6 +961,136 @@ mod tests {
         );
     }
 
+    fn diverged() -> Result<AppendPlan, ()> {
+        Ok(AppendPlan::Diverged)
+    }
+
+    #[test]
+    fn a_trimmed_prefix_the_leader_lacks_is_diverged() {
+        // Trimmed to 15 under the leader of epoch 1; the leader of epoch 2 had only 1..=5
+        // of it and wrote 6..=25.
+        let l = log((1, 15), &[1; 5]);
+        let new = entries(6, &[2; 20]);
+        assert_eq!(plan_append(&l, 2, p(1, 5), &new, 25), diverged());
+        // Walked back to the base itself, or from it, the answer is the same.
+        assert_eq!(plan_append(&l, 2, p(2, 15), &new[10..], 25), diverged());
+        assert_eq!(
+            plan_append(&l, 2, p(0, 0), &entries(1, &[1; 5]), 25),
+            append(None, 5)
+        );
+        assert_eq!(
+            plan_append(&l, 2, p(1, 5), &new[..3], 25),
+            diverged(),
+            "an epoch above the base's at or below it"
+        );
+        assert_eq!(plan_append(&l, 2, p(2, 7), &[], 25), diverged());
+        // The leader's log ends before the base: it will write its own epoch there.
+        assert_eq!(plan_append(&l, 2, p(1, 5), &[], 5), diverged());
+    }
+
+    #[test]
+    fn a_trimmed_prefix_is_trusted_once_the_leader_shows_the_base() {
+        let l = log((1, 15), &[1; 5]);
+        // The leader's entry at the base has its epoch: both logs agree up to there.
+        let same = entries(11, &[1, 1, 1, 1, 1, 1, 1, 2]);
+        assert_eq!(plan_append(&l, 2, p(1, 10), &same, 18), append(Some(17), 7));
+        assert_eq!(
+            plan_append(&l, 2, p(1, 15), &same[5..], 18),
+            append(Some(17), 2)
+        );
+        // A batch that stops short of the base shows nothing wrong yet: nothing to do.
+        assert_eq!(
+            plan_append(&l, 2, p(1, 5), &entries(6, &[1; 3]), 18),
+            append(None, 3)
+        );
+        // A shorter log of the leader of the base's own epoch is a delayed batch.
+        let l = log((2, 15), &[2; 5]);
+        assert_eq!(
+            plan_append(&l, 2, p(2, 5), &entries(6, &[2; 3]), 8),
+            append(None, 3)
+        );
+    }
+
+    /// Plays the leader and follower rules against each other, batches of at most three
+    /// entries, for followers trimmed at every point of their log: a follower keeps its
+    /// trimmed prefix only when it equals the leader's, and otherwise gets a snapshot.
+    #[test]
+    fn a_trimmed_follower_keeps_only_a_prefix_equal_to_the_leaders() {
+        let shapes: &[(&[u64], &[u64])] = &[
+            (
+                &[1; 20],
+                &[
+                    1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+                ],
+            ),
+            (&[1; 20], &[1; 5]),
+            (&[1; 10], &[1; 12]),
+            (&[1, 1, 1, 2, 2, 2], &[1, 1, 1, 3, 3]),
+            (&[1, 1, 2, 2], &[1, 1, 2, 2, 3, 3]),
+            (&[1, 2, 2, 4, 4, 4, 4], &[1, 2, 3, 3, 5]),
+            (&[1, 1, 1, 1, 1, 1], &[1, 1]),
+            (&[2, 2, 2], &[1, 3, 3, 3]),
+        ];
+        for (follower, leader) in shapes {
+            let leader_log = log((0, 0), leader);
+            let epoch = leader.iter().chain(follower.iter()).max().unwrap() + 1;
+            for trim in 0..=follower.len() {
+                let base = p(if trim == 0 { 0 } else { follower[trim - 1] }, trim as u64);
+                let mut f = log((base.epoch, base.seq), &follower[trim..]);
+                let mut prefix = follower[..trim].to_vec();
+                let mut snapshots = 0;
+                let mut next = leader_log.last().seq + 1;
+                for _round in 0..50 {
+                    let prev = p(leader_log.epoch_at(next - 1).unwrap().unwrap(), next - 1);
+                    let batch: Vec<Position> = (next..=leader_log.last().seq.min(next + 2))
+                        .map(|s| p(leader_log.epoch_at(s).unwrap().unwrap(), s))
+                        .collect();
+                    match plan_append(&f, epoch, prev, &batch, leader_log.last().seq).unwrap() {
+                        AppendPlan::Append {
+                            truncate_after,
+                            skip,
+                        } => {
+                            if let Some(t) = truncate_after {
+                                assert!(t >= f.base.seq, "cut below the base");
+                                f.epochs.truncate((t - f.base.seq) as usize);
+                            }
+                            if let Some(first) = batch.get(skip) {
+                                assert_eq!(first.seq, f.last().seq + 1, "a gap");
+                            }
+                            f.epochs.extend(batch[skip..].iter().map(|p| p.epoch));
+                            if prev.seq + batch.len() as u64 == leader_log.last().seq {
+                                break;
+                            }
+                            next = prev.seq + batch.len() as u64 + 1;
+                        }
+                        AppendPlan::Mismatch { conflict } => {
+                            next = match next_after_mismatch(&leader_log, prev, f.last(), conflict)
+                            {
+                                NextStep::From(n) => n,
+                                NextStep::Snapshot => panic!("the leader trims nothing"),
+                            };
+                        }
+                        AppendPlan::Diverged => {
+                            snapshots += 1;
+                            f = log((leader_log.last().epoch, leader_log.last().seq), &[]);
+                            prefix = leader.to_vec();
+                            break;
+                        }
+                    }
+                }
+                let whole: Vec<u64> = prefix.iter().chain(&f.epochs).copied().collect();
+                let case = format!("follower {follower:?} trimmed to {trim}, leader {leader:?}");
+                assert_eq!(&whole, leader, "{case}: did not converge");
+                let prefix_differs = leader.get(..trim) != Some(&follower[..trim]);
+                assert_eq!(
+                    snapshots > 0,
+                    prefix_differs,
+                    "{case}: snapshots {snapshots}"
+                );
+            }
+        }
+    }
+
     /// A write waiting for the commit point of a leadership that ends (a new role or
     /// term) is answered at once rather than after the whole replication timeout.
     #[tokio::test]
@@ -1059,6 +1246,7 @@ mod tests {
                             NextStep::Snapshot => panic!("no trimming here"),
                         };
                     }
+                    AppendPlan::Diverged => panic!("nothing trimmed, nothing below a base"),
                 }
             }
             assert_eq!(&f, leader, "follower {follower:?} did not converge");

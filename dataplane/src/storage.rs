@@ -229,6 +229,12 @@ pub enum AppendOutcome {
         /// this replica holds of it, so the leader can skip back a whole epoch at once.
         conflict: Option<Position>,
     },
+    /// The leader's log differs from this one at or below `base`, which cannot be cut:
+    /// only a snapshot brings it level. Nothing was written.
+    Diverged {
+        /// Start of the follower's log: the last entry it trimmed or took from a snapshot.
+        base: Position,
+    },
 }
 
 /// The durable state of the log, published after every commit.
@@ -1904,6 +1910,9 @@ impl Tx<'_> {
             crate::replication::AppendPlan::Mismatch { conflict } => Ok(AppendOutcome::Mismatch {
                 last: self.st().last,
                 conflict,
+            }),
+            crate::replication::AppendPlan::Diverged => Ok(AppendOutcome::Diverged {
+                base: self.st().base,
             }),
             crate::replication::AppendPlan::Append {
                 truncate_after,

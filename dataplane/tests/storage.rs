@@ -473,7 +473,8 @@ async fn install(store: &Store, epoch: u64, chunks: &[Bytes], piece: usize) -> L
 
 /// Brings `follower` level with `leader` as a leader does: entries after the end it
 /// guesses the follower has, stepping back on a mismatch, and a snapshot once its log no
-/// longer reaches back far enough. Returns how many snapshots that took.
+/// longer reaches back far enough or the follower's differs below its base. Returns how
+/// many snapshots that took.
 async fn replicate(leader: &Store, follower: &Store) -> usize {
     let epoch = leader.state().epoch;
     let mut snapshots = 0;
@@ -504,6 +505,7 @@ async fn replicate(leader: &Store, follower: &Store) -> usize {
                 last: theirs,
                 conflict,
             } => step = next_after_mismatch(leader, prev, theirs, conflict),
+            AppendOutcome::Diverged { .. } => step = NextStep::Snapshot,
         }
     }
     panic!("the follower did not catch up");
@@ -1337,6 +1339,57 @@ async fn a_follower_behind_a_trimmed_log_catches_up_by_snapshot() {
     assert_matches(&fol, &model);
     close(lead).await;
     close(fol).await;
+}
+
+/// Async mode lets a follower trim entries the next leader never had. Leader A (epoch 1)
+/// writes 1..=20; L2 holds 1..=5, F3 all of them and trims to 15. L2, promoted at epoch
+/// 2, writes 6..=25. F3's trimmed prefix holds A's 6..=15 where L2 has its own: it cannot
+/// cut there, so it must not take L2's entries over it, only a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_trimmed_prefix_diverged_catches_up_by_snapshot() {
+    let keys: Vec<Bytes> = (0..40).map(|i| b(format!("dk{i}"))).collect();
+    let (_ad, a) = leader(1).await;
+    for key in &keys[..20] {
+        put(&a, 1, key, "from-A").await;
+    }
+    let (_l2d, l2) = fresh().await;
+    let (_f3d, f3) = fresh().await;
+    let origin = Position::default();
+    let upto = |n| a.read_log(1, n, 100, ANY_SIZE).unwrap();
+    assert!(matches!(
+        l2.append(1, origin, upto(5), 20).await,
+        Ok(AppendOutcome::Appended { .. })
+    ));
+    assert!(matches!(
+        f3.append(1, origin, upto(20), 20).await,
+        Ok(AppendOutcome::Appended { .. })
+    ));
+    f3.trim(15);
+    f3.checkpoint().await.unwrap();
+    assert_eq!(f3.state().base, Position::new(1, 15));
+    l2.raise_epoch(2).await.unwrap();
+    for key in &keys[20..] {
+        put(&l2, 2, key, "from-L2").await;
+    }
+    assert_eq!(l2.state().last, Position::new(2, 25));
+
+    assert_eq!(
+        replicate(&l2, &f3).await,
+        1,
+        "only a snapshot brings F3 level"
+    );
+    assert_eq!(f3.state().last, Position::new(2, 25));
+    assert_same_data(&f3, &l2, &keys);
+    for key in &keys[5..20] {
+        assert_eq!(get(&f3, key), None, "A's {} never reached L2", show(key));
+    }
+    // From there F3 follows L2 entry by entry.
+    put(&l2, 2, b"after", "x").await;
+    assert_eq!(replicate(&l2, &f3).await, 0);
+    assert_same_data(&f3, &l2, &keys);
+    close(a).await;
+    close(l2).await;
+    close(f3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
