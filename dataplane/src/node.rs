@@ -552,6 +552,7 @@ fn store_error(e: StoreError) -> ApiError {
         StoreError::NotFound => ApiError::key_not_found(),
         StoreError::StaleEpoch { request, current } => ApiError::stale_epoch(request, current),
         StoreError::BadSnapshot(m) => ApiError::bad_request("invalid_snapshot", m),
+        e @ StoreError::Installing => ApiError::unavailable("snapshot_installing", e.to_string()),
         StoreError::Closed => {
             ApiError::unavailable("shutting_down", "the replica is shutting down")
         }

@@ -182,6 +182,9 @@ pub enum StoreError {
     /// A snapshot stream was malformed.
     #[error("invalid snapshot stream: {0}")]
     BadSnapshot(String),
+    /// A client write arrived while a snapshot install is under way; nothing was written.
+    #[error("a snapshot install is under way; the replica takes no writes until it ends")]
+    Installing,
     /// The disk or database failed, or a request broke the log's rules; no key or log
     /// entry was changed.
     #[error("storage failure: {0}")]
@@ -1383,6 +1386,8 @@ struct Writer {
 struct Installs {
     started: u64,
     current: Option<(u64, u64)>,
+    /// The last install given up before its end, with its epoch.
+    abandoned: Option<(u64, u64)>,
 }
 
 impl Installs {
@@ -1395,7 +1400,12 @@ impl Installs {
 
     /// Whether install `id` may still write, the replica being at epoch `now`.
     fn check(&self, id: u64, now: u64) -> Result<(), StoreError> {
-        match self.current {
+        // One given up for a higher epoch is answered as if it were still under way: its
+        // sender learns it was deposed.
+        let given_up = self
+            .abandoned
+            .filter(|&(gone, epoch)| gone == id && epoch < now);
+        match self.current.or(given_up) {
             Some((current, epoch)) if current == id && epoch == now => Ok(()),
             Some((current, epoch)) if current == id => Err(StoreError::StaleEpoch {
                 request: epoch,
@@ -1537,12 +1547,22 @@ impl Writer {
     }
 
     /// Whether `batch` means the install under way will never end: entries from a
-    /// leader at its epoch or a newer one, streamed from its log instead.
+    /// leader at its epoch or a newer one, streamed from its log instead; or an epoch
+    /// above the install's, at which its chunks and end are refused. A replica promoted
+    /// then must not serve, nor take writes on, half a snapshot that a restart discards
+    /// with every write made since.
     fn ends_install(&self, batch: &[Command]) -> bool {
         let current = self.layers.read().unwrap().active.state.epoch;
-        batch
-            .iter()
-            .any(|c| matches!(c, Command::Append { epoch, .. } if *epoch >= current))
+        let Some((_, install)) = self.installs.current else {
+            return false;
+        };
+        // Raised in the batch that began it: nothing abandoned it then.
+        install < current
+            || batch.iter().any(|c| match c {
+                Command::Append { epoch, .. } => *epoch >= current,
+                Command::RaiseEpoch { epoch, .. } => *epoch > install,
+                _ => false,
+            })
     }
 
     /// Drops what an install that never ended (its sender died or was deposed) stored: the
@@ -1553,7 +1573,7 @@ impl Writer {
     /// discard them as half of a snapshot.
     fn abandon_install(&mut self) {
         tracing::warn!("a snapshot install never ended; discarding what it stored");
-        self.installs.current = None;
+        self.installs.abandoned = self.installs.current.take();
         // Nothing frozen below: the wipe then covers everything.
         self.drain();
         self.layers.write().unwrap().active.wipe(false);
@@ -1583,7 +1603,12 @@ impl Writer {
                     cond,
                     reply,
                 } => {
-                    let r = tx.client_write(epoch, slot, key, op, cond);
+                    // Only the install's own sender leads at its epoch; a write here would
+                    // land on half a snapshot.
+                    let r = match self.installs.current {
+                        Some(_) if epoch == tx.st().epoch => Err(StoreError::Installing),
+                        _ => tx.client_write(epoch, slot, key, op, cond),
+                    };
                     replies.push(Reply::Write(reply, r));
                 }
                 Command::Append {

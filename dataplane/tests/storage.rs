@@ -1469,6 +1469,77 @@ async fn an_epoch_raised_during_a_snapshot_install_survives_a_crash() {
     close(source).await;
 }
 
+/// A replica promoted while a snapshot install stalled takes client writes at its new
+/// epoch. Each acknowledged one must survive a crash, and none may land on half a
+/// snapshot: the install can no longer end, so the raise discards what it stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_acknowledged_after_a_stalled_install_survives_a_crash() {
+    let (_sd, source) = leader(5).await;
+    put(&source, 5, b"k", "v").await;
+    put(&source, 5, b"other", "w").await;
+    let (_, chunks) = export(&source, 1 << 20).await;
+    let records = records_of(&chunks);
+
+    let (_rd, receiver) = fresh().await;
+    let id = receiver.snapshot_begin(5).await.unwrap();
+    receiver.snapshot_chunk(id, records).await.unwrap();
+    assert_eq!(receiver.raise_epoch(6).await, Ok(6));
+    let out = put(&receiver, 6, b"acked", "yes").await;
+    assert_eq!(out.version, Position::new(6, 1));
+    // Without a crash: the half snapshot is gone, the write is all there is.
+    assert_eq!(get(&receiver, b"k"), None);
+    assert_eq!(receiver.state().keys, 1);
+    assert_digest_consistent(&receiver);
+    // The stalled install can no longer end.
+    assert!(
+        receiver
+            .snapshot_end(id, Position::new(5, 2))
+            .await
+            .is_err()
+    );
+
+    let copy = crash_copy(&dir_of(&receiver)).await;
+    let copied = open(copy.path()).await;
+    let st = copied.state();
+    assert_eq!((st.epoch, st.last, st.keys), (6, Position::new(6, 1), 1));
+    assert_eq!(get(&copied, b"acked").map(|(_, v)| v), Some(b("yes")));
+    assert_eq!(get(&copied, b"k"), None);
+    assert_digest_consistent(&copied);
+    assert_same_data(&copied, &receiver, [&b("acked"), &b("k"), &b("other")]);
+    close(copied).await;
+    close(receiver).await;
+    close(source).await;
+}
+
+/// A client write at the epoch of an install under way (its sender's own epoch, so no
+/// replica may lead at it here) is refused: it would land on half a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_write_during_a_snapshot_install_is_refused() {
+    let (_sd, source) = leader(5).await;
+    put(&source, 5, b"k", "v").await;
+    let (_, chunks) = export(&source, 1 << 20).await;
+    let records = records_of(&chunks);
+
+    let (_rd, receiver) = fresh().await;
+    let id = receiver.snapshot_begin(5).await.unwrap();
+    receiver.snapshot_chunk(id, records).await.unwrap();
+    assert_eq!(
+        write(&receiver, 5, b"x", Op::Put(b("y")), Condition::None).await,
+        Err(StoreError::Installing)
+    );
+    // The install is not disturbed: it ends, and then writes are taken again.
+    let st = receiver
+        .snapshot_end(id, source.state().last)
+        .await
+        .unwrap();
+    assert_eq!(st.last, source.state().last);
+    assert_eq!(get(&receiver, b"x"), None);
+    assert_same_data(&receiver, &source, [&b("k")]);
+    put(&receiver, 5, b"x", "y").await;
+    close(receiver).await;
+    close(source).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Restarts and crashes
 // ---------------------------------------------------------------------------------------
