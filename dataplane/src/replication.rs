@@ -829,6 +829,13 @@ mod tests {
         Position::new(e, s)
     }
 
+    /// What a leader with `leader` sends from `next`: its `prev` and at most `max` entries.
+    fn leader_round(leader: &VecLog, next: u64, max: u64) -> (Position, Vec<Position>) {
+        let at = |s| p(leader.epoch_at(s).unwrap().unwrap(), s);
+        let last = leader.last().seq.min(next.saturating_add(max - 1));
+        (at(next - 1), (next..=last).map(at).collect())
+    }
+
     fn append(truncate_after: Option<u64>, skip: usize) -> Result<AppendPlan, ()> {
         Ok(AppendPlan::Append {
             truncate_after,
@@ -1041,10 +1048,7 @@ mod tests {
                 let mut snapshots = 0;
                 let mut next = leader_log.last().seq + 1;
                 for _round in 0..50 {
-                    let prev = p(leader_log.epoch_at(next - 1).unwrap().unwrap(), next - 1);
-                    let batch: Vec<Position> = (next..=leader_log.last().seq.min(next + 2))
-                        .map(|s| p(leader_log.epoch_at(s).unwrap().unwrap(), s))
-                        .collect();
+                    let (prev, batch) = leader_round(&leader_log, next, 3);
                     match plan_append(&f, epoch, prev, &batch, leader_log.last().seq).unwrap() {
                         AppendPlan::Append {
                             truncate_after,
@@ -1224,10 +1228,7 @@ mod tests {
             let mut f = follower.to_vec();
             let mut next = leader_log.last().seq + 1;
             for _round in 0..20 {
-                let prev = Position::new(leader_log.epoch_at(next - 1).unwrap().unwrap(), next - 1);
-                let batch: Vec<Position> = (next..=leader_log.last().seq)
-                    .map(|s| Position::new(leader_log.epoch_at(s).unwrap().unwrap(), s))
-                    .collect();
+                let (prev, batch) = leader_round(&leader_log, next, u64::MAX);
                 let fl = log((0, 0), &f);
                 match plan_append(&fl, epoch, prev, &batch, leader_log.last().seq).unwrap() {
                     AppendPlan::Append {

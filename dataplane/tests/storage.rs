@@ -1430,19 +1430,49 @@ async fn a_crash_during_snapshot_install_leaves_an_empty_store() {
     close(source).await;
 }
 
+/// A leader at epoch 5 holding `pairs`, and a fresh replica whose install of the
+/// leader's snapshot has every record but was never ended.
+struct StalledInstall {
+    _dirs: (TempDir, TempDir),
+    source: Store,
+    receiver: Store,
+    chunks: Vec<Bytes>,
+    id: u64,
+}
+
+async fn stalled_install(pairs: &[(&[u8], &str)]) -> StalledInstall {
+    let (source_dir, source) = leader(5).await;
+    for (key, value) in pairs {
+        put(&source, 5, key, b(value)).await;
+    }
+    let (_, chunks) = export(&source, 1 << 20).await;
+    let (receiver_dir, receiver) = fresh().await;
+    let id = receiver.snapshot_begin(5).await.unwrap();
+    receiver
+        .snapshot_chunk(id, records_of(&chunks))
+        .await
+        .unwrap();
+    StalledInstall {
+        _dirs: (source_dir, receiver_dir),
+        source,
+        receiver,
+        chunks,
+        id,
+    }
+}
+
 /// A replica whose snapshot install stalled can still be raised to a new epoch. That
 /// raise was acknowledged, so the crash that discards the half snapshot must keep it: a
 /// deposed leader's appends stay fenced off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_epoch_raised_during_a_snapshot_install_survives_a_crash() {
-    let (_sd, source) = leader(5).await;
-    put(&source, 5, b"k", "v").await;
-    let (_, chunks) = export(&source, 1 << 20).await;
-    let records = records_of(&chunks);
-
-    let (_rd, receiver) = fresh().await;
-    let id = receiver.snapshot_begin(5).await.unwrap();
-    receiver.snapshot_chunk(id, records).await.unwrap();
+    let StalledInstall {
+        _dirs,
+        source,
+        receiver,
+        chunks,
+        ..
+    } = stalled_install(&[(b"k", "v")]).await;
     assert_eq!(receiver.raise_epoch(7).await, Ok(7));
 
     // A crash right after the raise; then a crash of the copy right after it opened.
@@ -1474,15 +1504,13 @@ async fn an_epoch_raised_during_a_snapshot_install_survives_a_crash() {
 /// snapshot: the install can no longer end, so the raise discards what it stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_acknowledged_after_a_stalled_install_survives_a_crash() {
-    let (_sd, source) = leader(5).await;
-    put(&source, 5, b"k", "v").await;
-    put(&source, 5, b"other", "w").await;
-    let (_, chunks) = export(&source, 1 << 20).await;
-    let records = records_of(&chunks);
-
-    let (_rd, receiver) = fresh().await;
-    let id = receiver.snapshot_begin(5).await.unwrap();
-    receiver.snapshot_chunk(id, records).await.unwrap();
+    let StalledInstall {
+        _dirs,
+        source,
+        receiver,
+        id,
+        ..
+    } = stalled_install(&[(b"k", "v"), (b"other", "w")]).await;
     assert_eq!(receiver.raise_epoch(6).await, Ok(6));
     let out = put(&receiver, 6, b"acked", "yes").await;
     assert_eq!(out.version, Position::new(6, 1));
@@ -1515,14 +1543,13 @@ async fn a_write_acknowledged_after_a_stalled_install_survives_a_crash() {
 /// replica may lead at it here) is refused: it would land on half a snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_write_during_a_snapshot_install_is_refused() {
-    let (_sd, source) = leader(5).await;
-    put(&source, 5, b"k", "v").await;
-    let (_, chunks) = export(&source, 1 << 20).await;
-    let records = records_of(&chunks);
-
-    let (_rd, receiver) = fresh().await;
-    let id = receiver.snapshot_begin(5).await.unwrap();
-    receiver.snapshot_chunk(id, records).await.unwrap();
+    let StalledInstall {
+        _dirs,
+        source,
+        receiver,
+        id,
+        ..
+    } = stalled_install(&[(b"k", "v")]).await;
     assert_eq!(
         write(&receiver, 5, b"x", Op::Put(b("y")), Condition::None).await,
         Err(StoreError::Installing)

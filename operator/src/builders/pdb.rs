@@ -1,5 +1,7 @@
 //! One PodDisruptionBudget per shard, and one for the routers.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -10,30 +12,32 @@ use super::{COMPONENT_ROUTER, ClusterRef, selector};
 /// can still be drained: blocking node maintenance forever would be worse than the
 /// short outage its owner chose.
 pub fn shard_pdb(cluster: &ClusterRef<'_>, shard: u32) -> PodDisruptionBudget {
-    let selector_labels = cluster.shard_selector_labels(shard);
-    PodDisruptionBudget {
-        metadata: cluster.metadata(cluster.shard_name(shard), &selector_labels),
-        spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(selector(&selector_labels)),
-            // Evicting a pod that is not running anyway never hurts availability.
-            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
-            ..PodDisruptionBudgetSpec::default()
-        }),
-        status: None,
-    }
+    one_at_a_time(
+        cluster,
+        cluster.shard_name(shard),
+        cluster.shard_selector_labels(shard),
+    )
 }
 
 /// Lets voluntary disruptions take at most one router at a time, so a drain of several
 /// Kubernetes nodes cannot take every router of a cluster down together.
 pub fn router_pdb(cluster: &ClusterRef<'_>) -> PodDisruptionBudget {
-    let selector_labels = cluster.selector_labels(COMPONENT_ROUTER);
+    let labels = cluster.selector_labels(COMPONENT_ROUTER);
+    one_at_a_time(cluster, cluster.router_name(), labels)
+}
+
+/// A budget named `name` that lets one of the pods `selector_labels` select go at a time.
+fn one_at_a_time(
+    cluster: &ClusterRef<'_>,
+    name: String,
+    selector_labels: BTreeMap<String, String>,
+) -> PodDisruptionBudget {
     PodDisruptionBudget {
-        metadata: cluster.metadata(cluster.router_name(), &selector_labels),
+        metadata: cluster.metadata(name, &selector_labels),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
             selector: Some(selector(&selector_labels)),
-            // A router that is not ready serves nobody; evicting it costs nothing.
+            // Evicting a pod that is not running or not ready costs no availability.
             unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
             ..PodDisruptionBudgetSpec::default()
         }),
