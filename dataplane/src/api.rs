@@ -383,7 +383,12 @@ pub async fn read_body(
     if let Some(len) = declared
         && len > limit as u64
     {
-        let drained = len <= DRAIN_LIMIT && drain(body).await;
+        // A client that waits for `100 Continue` sends nothing after this answer: reading
+        // would ask it for the very body being refused.
+        let waits = headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let drained = !waits && len <= DRAIN_LIMIT && drain(body).await;
         return Err(too_large(Some(len), !drained));
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {

@@ -517,6 +517,13 @@ async fn bad_input_is_refused_and_changes_nothing() {
         "{huge}"
     );
     assert!(huge.contains("value_too_large"), "{huge}");
+    // A client that waits for 100 Continue is refused at once, not asked for the body.
+    let expecting = raw_exchange(
+        &r,
+        "PUT /v1/kv/k HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 5000000\r\n\r\n",
+    )
+    .await;
+    assert!(expecting.starts_with("HTTP/1.1 413"), "{expecting}");
     // An empty key's body is read too: the next request on the connection is answered.
     let body = "x".repeat(100_000);
     let both = raw_exchange(
