@@ -104,7 +104,9 @@ impl Default for Metrics {
     }
 }
 
-/// The HTTP routes: `/metrics` and `/healthz` (the process is up and its loops run).
+/// The HTTP routes: `/metrics` and `/healthz`. Health says only that the process serves:
+/// the operator exits by itself when its controller stops or it loses its lease, and a
+/// round that hangs shows in `/metrics` (reconcile counts stop), not here.
 pub fn router(metrics: Metrics) -> Router {
     Router::new()
         .route(
