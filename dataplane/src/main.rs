@@ -50,8 +50,17 @@ struct IdleArgs {
 }
 
 impl IdleArgs {
-    fn limit(&self) -> Duration {
-        Duration::from_millis(self.idle_timeout_ms)
+    /// The idle limit, which must exceed the longest a request may wait for its answer:
+    /// a connection waiting on the server moves no bytes either.
+    fn limit(&self, longest_wait_ms: u64, flag: &str) -> Result<Duration> {
+        if self.idle_timeout_ms <= longest_wait_ms {
+            bail!(
+                "--idle-timeout-ms ({}) must be above {flag} ({longest_wait_ms}): a connection \
+                 waiting that long for its answer would be closed first",
+                self.idle_timeout_ms
+            );
+        }
+        Ok(Duration::from_millis(self.idle_timeout_ms))
     }
 }
 
@@ -179,7 +188,19 @@ fn byte_limit(s: &str, max: usize) -> Result<usize, String> {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // For the person who ran it: one line with every cause, and no backtrace
+            // whatever RUST_BACKTRACE says.
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -274,7 +295,9 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     cfg.limits = args.limits.limits();
     cfg.log_retain = args.log_retain;
     cfg.replication_timeout = Duration::from_millis(args.replication_timeout_ms);
-    cfg.idle_timeout = args.idle.limit();
+    cfg.idle_timeout = args
+        .idle
+        .limit(args.replication_timeout_ms, "--replication-timeout-ms")?;
     let node = Node::open(cfg)
         .with_context(|| format!("cannot open data directory {}", args.data_dir.display()))?;
     let listener = bind(&args.listen, "listening").await?;
@@ -287,6 +310,9 @@ async fn run_node(args: NodeArgs) -> Result<()> {
 }
 
 async fn run_router(args: RouterArgs) -> Result<()> {
+    let idle = args
+        .idle
+        .limit(args.request_timeout_ms, "--request-timeout-ms")?;
     let router = Router::new(RouterConfig {
         limits: args.limits.limits(),
         topology_file: args.topology,
@@ -295,7 +321,6 @@ async fn run_router(args: RouterArgs) -> Result<()> {
     let public = bind(&args.listen, "listening").await?;
     let admin = bind(&args.admin_listen, "admin").await?;
     let admin_app = router.admin_app();
-    let idle = args.idle.limit();
     tokio::spawn(async move {
         if let Err(e) = axum::serve(IdleClosing::new(admin, idle), admin_app).await {
             tracing::error!(error = %e, "admin listener failed");

@@ -759,6 +759,31 @@ async fn raw_exchange(addr: &str, request: &str) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// An idle timeout that a request waiting for its answer could outlast is refused at the
+/// start, in one line without a backtrace.
+#[test]
+fn an_idle_timeout_below_the_request_timeout_is_refused() {
+    let out = std::process::Command::new(exe())
+        .args([
+            "router",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--request-timeout-ms", "40000"])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim(),
+        "Error: --idle-timeout-ms (30000) must be above --request-timeout-ms (40000): a \
+         connection waiting that long for its answer would be closed first"
+    );
+}
+
 /// A connection that says nothing, or stops in the middle of its headers or body, is
 /// closed after `--idle-timeout-ms`, on a node and on both router ports; one that keeps
 /// talking stays open longer than that.
@@ -770,7 +795,8 @@ async fn connections_that_stall_are_closed_and_busy_ones_are_not() {
 
     let idle = ["--idle-timeout-ms", "300"];
     let tmp = tempfile::tempdir().unwrap();
-    let node = NodeProc::start("s0-r0", &tmp.path().join("s0-r0"), &idle);
+    let node_args = [&idle[..], &["--replication-timeout-ms", "200"]].concat();
+    let node = NodeProc::start("s0-r0", &tmp.path().join("s0-r0"), &node_args);
     // Killed however the test ends: a router left running would hold the test's output.
     struct Killed(std::process::Child);
     impl Drop for Killed {
@@ -783,6 +809,7 @@ async fn connections_that_stall_are_closed_and_busy_ones_are_not() {
         Command::new(exe())
             .args(["router", "--listen", "127.0.0.1:0"])
             .args(["--admin-listen", "127.0.0.1:0"])
+            .args(["--request-timeout-ms", "200"])
             .args(idle)
             .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
