@@ -97,10 +97,11 @@ async fn a_malformed_batch_is_refused_and_changes_nothing() {
 }
 
 /// A body that is no snapshot of this version (empty, garbage, a whole stream of version
-/// 1, which was its header alone for an empty store) is refused with 400 `invalid_snapshot` before anything changes: the
-/// follower keeps its keys, digest and values, and its epoch though the request names a
-/// higher one (which would depose its leader), and it goes on following. Before, the
-/// install began, wiping the follower, before the body was read.
+/// 1, which was its header alone for an empty store) is refused with 400
+/// `invalid_snapshot` before anything changes: the follower keeps its keys, digest and
+/// values, and its epoch though the request names a higher one (which would depose its
+/// leader), and it goes on following. Before, the install began, wiping the follower,
+/// before the body was read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_is_no_snapshot_is_refused_and_changes_nothing() {
     let shard = Shard::start(2, AckMode::Sync, &[]);
