@@ -90,9 +90,22 @@ impl<T> IdleIo<T> {
         Poll::Pending
     }
 
-    fn moved(&mut self, bytes: usize) {
-        if bytes > 0 {
-            self.progress += 1;
+    /// Passes on what a read or write came to, counting it as progress if it moved
+    /// `bytes`; one that has to wait waits on the period too.
+    fn account<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+        bytes: usize,
+    ) -> Poll<io::Result<R>> {
+        match polled {
+            Poll::Ready(r) => {
+                if bytes > 0 {
+                    self.progress += 1;
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.wait(cx).map(Err),
         }
     }
 }
@@ -105,13 +118,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                this.moved(buf.filled().len() - before);
-                Poll::Ready(r)
-            }
-            Poll::Pending => this.wait(cx).map(Err),
-        }
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        this.account(cx, polled, buf.filled().len() - before)
     }
 }
 
@@ -122,13 +130,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_write(cx, buf) {
-            Poll::Ready(r) => {
-                this.moved(*r.as_ref().unwrap_or(&0));
-                Poll::Ready(r)
-            }
-            Poll::Pending => this.wait(cx).map(Err),
-        }
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        let written = written(&polled);
+        this.account(cx, polled, written)
     }
 
     fn poll_write_vectored(
@@ -137,13 +141,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
-            Poll::Ready(r) => {
-                this.moved(*r.as_ref().unwrap_or(&0));
-                Poll::Ready(r)
-            }
-            Poll::Pending => this.wait(cx).map(Err),
-        }
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        let written = written(&polled);
+        this.account(cx, polled, written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -156,6 +156,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Bytes a write came to: none when it failed or has to wait.
+fn written(polled: &Poll<io::Result<usize>>) -> usize {
+    match polled {
+        Poll::Ready(Ok(n)) => *n,
+        _ => 0,
     }
 }
 

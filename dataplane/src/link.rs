@@ -136,7 +136,7 @@ pub struct LinkRequest<'a> {
 
 impl<'a> LinkRequest<'a> {
     /// Whether the headers it sends fit in a frame; [`Links::send`] sends nothing else.
-    pub fn check(&self) -> Result<(), HeaderError> {
+    fn check(&self) -> Result<(), HeaderError> {
         check_headers(self.sent_headers())
     }
 

@@ -256,13 +256,6 @@ impl Router {
             pass: &FORWARD_REQUEST,
             body: &body,
         };
-        request.check().map_err(|e| {
-            ApiError::new(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "request_header_fields_too_large",
-                format!("the request cannot be forwarded whole: {e}"),
-            )
-        })?;
         let mut hint: Option<String> = None;
         for attempt in 0..2 {
             let routing = self.routing();
@@ -284,6 +277,14 @@ impl Router {
             let result = self.nodes.send(&addr, request, timeout).await;
             let retry = attempt == 0;
             match result {
+                // Refused before anything was sent: no replica would take it either.
+                Err(ClientError::Encode(e)) => {
+                    return Err(ApiError::new(
+                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        "request_header_fields_too_large",
+                        format!("the request cannot be forwarded whole: {e}"),
+                    ));
+                }
                 Err(e) if retry && on_follower => {
                     tracing::debug!(error = %e, "stale read failed on a follower; asking the leader");
                     self.metrics.retries.inc();

@@ -1510,7 +1510,7 @@ impl Writer {
 
     /// Applies a batch, makes it durable and answers its requests; returns the state.
     fn commit(&mut self, batch: Vec<Command>) -> LogState {
-        if self.installs.current.is_some() && self.ends_install(&batch) {
+        if self.ends_install(&batch) {
             self.abandon_install();
         }
         // Changes that are not in the write-ahead log (a snapshot's data) are made durable
@@ -1552,10 +1552,10 @@ impl Writer {
     /// then must not serve, nor take writes on, half a snapshot that a restart discards
     /// with every write made since.
     fn ends_install(&self, batch: &[Command]) -> bool {
-        let current = self.layers.read().unwrap().active.state.epoch;
         let Some((_, install)) = self.installs.current else {
             return false;
         };
+        let current = self.layers.read().unwrap().active.state.epoch;
         // Raised in the batch that began it: nothing abandoned it then.
         install < current
             || batch.iter().any(|c| match c {

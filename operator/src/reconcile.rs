@@ -384,6 +384,14 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
     Ok(Action::requeue(requeue_after(cspec.lease_ms)))
 }
 
+/// The labels every pod of the KvCluster `name` carries, whatever its component.
+fn cluster_pod_labels(name: &str) -> [(&'static str, &str); 2] {
+    [
+        ("app.kubernetes.io/name", "distkv"),
+        ("app.kubernetes.io/instance", name),
+    ]
+}
+
 /// The cluster's pods: from the pod cache once it has been filled, else listed, else
 /// (API server unreachable) the last ones listed, with the error kept in `api_error`.
 async fn cluster_pods(
@@ -400,8 +408,9 @@ async fn cluster_pods(
             let ours = |pod: &Pod| {
                 let labels = pod.labels();
                 pod.namespace().as_deref() == Some(namespace)
-                    && labels.get("app.kubernetes.io/name").map(String::as_str) == Some("distkv")
-                    && labels.get("app.kubernetes.io/instance").map(String::as_str) == Some(name)
+                    && cluster_pod_labels(name)
+                        .iter()
+                        .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
             };
             return Ok(store
                 .state()
@@ -412,10 +421,11 @@ async fn cluster_pods(
         }
         debug!(%namespace, %name, "the pod cache is not filled yet; listing pods");
     }
+    let selector = cluster_pod_labels(name)
+        .map(|(k, v)| format!("{k}={v}"))
+        .join(",");
     let listed = Api::<Pod>::namespaced(ctx.client.clone(), namespace)
-        .list(&ListParams::default().labels(&format!(
-            "app.kubernetes.io/name=distkv,app.kubernetes.io/instance={name}"
-        )))
+        .list(&ListParams::default().labels(&selector))
         .await;
     match listed {
         Ok(list) => {
