@@ -2,6 +2,8 @@
 //! the admin calls of the control API on top of it.
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -119,11 +121,15 @@ impl HttpClient {
         req: Request<RequestBody>,
         timeout: Duration,
     ) -> Result<Response, ClientError> {
-        let addr = req
-            .uri()
-            .authority()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let addr = authority(&req);
+        tokio::time::timeout(timeout, self.exchange(req))
+            .await
+            .map_err(|_| ClientError::Timeout(addr))?
+    }
+
+    /// Sends a request and buffers the answer, however long that takes.
+    async fn exchange(&self, req: Request<RequestBody>) -> Result<Response, ClientError> {
+        let addr = authority(&req);
         let call = async {
             let resp = self.inner.request(req).await.map_err(|e| {
                 let message = error_chain(&e);
@@ -154,9 +160,7 @@ impl HttpClient {
                 body,
             })
         };
-        tokio::time::timeout(timeout, call)
-            .await
-            .map_err(|_| ClientError::Timeout(addr.clone()))?
+        call.await
     }
 
     /// Builds and sends `method http://addr path` with `body`.
@@ -169,16 +173,8 @@ impl HttpClient {
         body: RequestBody,
         timeout: Duration,
     ) -> Result<Response, ClientError> {
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(format!("http://{addr}{path}"));
-        for (k, v) in headers {
-            builder = builder.header(*k, *v);
-        }
-        let req = builder
-            .body(body)
-            .map_err(|e| ClientError::Url(e.to_string()))?;
-        self.send(req, timeout).await
+        self.send(request(method, addr, path, headers, body)?, timeout)
+            .await
     }
 
     /// `GET http://addr path`.
@@ -212,31 +208,51 @@ impl HttpClient {
         .await
     }
 
-    /// `POST http://addr path` with a body streamed from `chunks`.
+    /// `POST http://addr path` with a body streamed from `chunks`. Nothing limits the
+    /// whole: a snapshot of a large shard takes as long as it takes. The call fails once
+    /// the body has not moved for `stall` (the receiver stopped reading, or `chunks`
+    /// stopped coming), or when no answer came `stall` after the body's end.
     pub async fn post_stream(
         &self,
         addr: &str,
         path: &str,
-        mut chunks: tokio::sync::mpsc::Receiver<Bytes>,
-        timeout: Duration,
+        chunks: tokio::sync::mpsc::Receiver<Bytes>,
+        stall: Duration,
     ) -> Result<Response, ClientError> {
-        let stream = async_stream(move |tx| async move {
-            while let Some(chunk) = chunks.recv().await {
-                if tx.send(chunk).await.is_err() {
-                    break;
-                }
+        // Counts the chunks the connection has taken: hyper asks for the next one only
+        // once it has written the last, so a receiver that stops reading stops it.
+        let taken = Arc::new(AtomicU64::new(0));
+        let counter = taken.clone();
+        let stream = futures_util::stream::unfold(chunks, move |mut chunks| {
+            let counter = counter.clone();
+            async move {
+                let chunk = chunks.recv().await?;
+                counter.fetch_add(1, Ordering::Relaxed);
+                Some((Ok(Frame::data(chunk)), chunks))
             }
         });
-        let body = StreamBody::new(stream).boxed();
-        self.call(
+        let req = request(
             Method::POST,
             addr,
             path,
             &[("content-type", "application/octet-stream")],
-            body,
-            timeout,
-        )
-        .await
+            StreamBody::new(stream).boxed(),
+        )?;
+        let call = self.exchange(req);
+        tokio::pin!(call);
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                r = &mut call => return r,
+                () = tokio::time::sleep(stall) => {
+                    let now = taken.load(Ordering::Relaxed);
+                    if now == seen {
+                        return Err(ClientError::Timeout(addr.to_string()));
+                    }
+                    seen = now;
+                }
+            }
+        }
     }
 
     /// Sends `value` as JSON and decodes a JSON answer; an error status is an error.
@@ -281,19 +297,31 @@ fn decode_json<T: DeserializeOwned>(addr: &str, resp: &Response) -> Result<T, Cl
     })
 }
 
-/// A stream of body frames fed by a task, without pulling in a stream-macro crate.
-fn async_stream<F, Fut>(
-    produce: F,
-) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + Sync + 'static
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
-    tokio::spawn(produce(tx));
-    futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
-    })
+/// `method http://addr path` with `headers` and `body`.
+fn request(
+    method: Method,
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: RequestBody,
+) -> Result<Request<RequestBody>, ClientError> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    builder
+        .body(body)
+        .map_err(|e| ClientError::Url(e.to_string()))
+}
+
+/// The `host:port` a request goes to, for errors.
+fn authority(req: &Request<RequestBody>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -401,4 +429,78 @@ pub fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+
+    /// Serves, on loopback, a route that reads a body to its end and answers its length.
+    async fn body_length_server() -> String {
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(|body: Bytes| async move { body.len().to_string() }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    /// `count` chunks of `size` bytes, `gap` apart; the stream then ends if `end`, and
+    /// otherwise stays open with nothing more to send.
+    fn chunks(count: usize, size: usize, gap: Duration, end: bool) -> mpsc::Receiver<Bytes> {
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            for _ in 0..count {
+                tokio::time::sleep(gap).await;
+                if tx.send(Bytes::from(vec![7u8; size])).await.is_err() {
+                    return;
+                }
+            }
+            if !end {
+                tx.closed().await;
+            }
+        });
+        rx
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_keeps_moving_is_not_cut_off_however_long_it_takes() {
+        let addr = body_length_server().await;
+        // 1.2 s in all, four times the stall limit, and never 300 ms without a chunk.
+        let body = chunks(12, 1024, Duration::from_millis(100), true);
+        let resp = HttpClient::new()
+            .post_stream(&addr, "/", body, Duration::from_millis(300))
+            .await
+            .unwrap();
+        assert_eq!(resp.body, "12288");
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_chunks_stop_coming_gives_up() {
+        let addr = body_length_server().await;
+        let body = chunks(2, 1024, Duration::ZERO, false);
+        let err = HttpClient::new()
+            .post_stream(&addr, "/", body, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Timeout(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_receiver_stops_reading_gives_up() {
+        // Accepts, then reads nothing: the socket's buffers fill and the body stops.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let held = tokio::spawn(async move { listener.accept().await.unwrap() });
+        let body = chunks(usize::MAX, 256 << 10, Duration::ZERO, true);
+        let err = HttpClient::new()
+            .post_stream(&addr, "/", body, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Timeout(_)), "{err}");
+        drop(held);
+    }
 }

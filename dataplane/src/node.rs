@@ -21,7 +21,9 @@ use tokio::task::JoinHandle;
 use crate::api::{self, ApiError, Limits, PutResult};
 use crate::client::HttpClient;
 use crate::metrics::{self, Metrics};
-use crate::replication::{self, Leadership, ReplicateRequest, StreamConfig, Uncommitted};
+use crate::replication::{
+    self, Leadership, ReplicateRequest, SNAPSHOT_STALL, StreamConfig, TransferLog, Uncommitted,
+};
 use crate::slots::{Slot, slot_for};
 use crate::storage::{Condition, Op, Position, SnapshotReader, Store, StoreError};
 use crate::topology::Role;
@@ -803,10 +805,6 @@ struct SnapshotQuery {
     epoch: u64,
 }
 
-/// Longest a snapshot stream may pause. The leader holds back the stream's end until the
-/// snapshot's position is committed, which takes a replication round, not this long.
-const SNAPSHOT_STALL: Duration = Duration::from_secs(30);
-
 /// Receives a snapshot stream and replaces this replica's data with it.
 async fn install_snapshot(
     State(node): NodeState,
@@ -826,6 +824,9 @@ async fn install_snapshot(
     // for a header that checks out. A stream that breaks after it is a partial install,
     // which the store discards (on the next entries or at reopen).
     let mut install = None;
+    let started = std::time::Instant::now();
+    let mut progress = TransferLog::new(started);
+    let (mut bytes, mut count) = (0u64, 0u64);
     loop {
         // A sender that went quiet after its header would leave this replica wiped and
         // half installed; it gives up, and the leader starts over.
@@ -841,6 +842,11 @@ async fn install_snapshot(
         let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_snapshot", e.to_string()))?;
         let records = reader.push(&chunk).map_err(store_error)?;
+        bytes += chunk.len() as u64;
+        count += records.len() as u64;
+        if progress.due() {
+            tracing::info!(id = %node.cfg.id, records = count, mib = bytes >> 20, secs = started.elapsed().as_secs(), "installing a snapshot");
+        }
         if install.is_none() && reader.header().is_some() {
             node.observe_epoch(q.epoch);
             let begun = node
@@ -868,7 +874,14 @@ async fn install_snapshot(
     node.snapshots_installed.fetch_add(1, Ordering::Relaxed);
     node.metrics.snapshots_installed.inc();
     node.follower_commit.fetch_max(at.seq, Ordering::Relaxed);
-    tracing::info!(id = %node.cfg.id, ?at, "snapshot installed");
+    tracing::info!(
+        id = %node.cfg.id,
+        ?at,
+        records = count,
+        mib = bytes >> 20,
+        secs = started.elapsed().as_secs_f64(),
+        "snapshot installed"
+    );
     Ok(axum::Json(at))
 }
 

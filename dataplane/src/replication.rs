@@ -17,6 +17,7 @@
 //! position that sync-mode writes wait for.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -723,6 +724,15 @@ async fn replicate_once(
 /// How long a snapshot's end waits for its position to be committed.
 const SNAPSHOT_COMMIT_WAIT: Duration = Duration::from_secs(10);
 
+/// Longest a snapshot stream may stand still before either side gives it up. The whole
+/// has no limit: a large shard's snapshot takes as long as it takes. The leader holds
+/// back the stream's end until the snapshot's position is committed, which takes a
+/// replication round, and at most [`SNAPSHOT_COMMIT_WAIT`].
+pub const SNAPSHOT_STALL: Duration = Duration::from_secs(30);
+
+/// How often a snapshot under way is logged, on both sides.
+const SNAPSHOT_PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
 async fn send_snapshot(
     leadership: &Leadership,
     peer: &Peer,
@@ -730,15 +740,26 @@ async fn send_snapshot(
     cfg: &StreamConfig,
 ) -> Result<Position, StreamError> {
     tracing::info!(follower = %peer.id, "follower needs entries the log no longer has; sending a snapshot");
+    let started = Instant::now();
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     let store = leadership.store.clone();
     let chunk = cfg.snapshot_chunk;
     let records = tx.clone();
+    let sent = Arc::new(AtomicU64::new(0));
+    let counted = sent.clone();
+    let follower = peer.id.clone();
     let export = tokio::task::spawn_blocking(move || {
-        store.export_snapshot(chunk, |b| records.blocking_send(b).is_ok())
+        let mut progress = TransferLog::new(started);
+        store.export_snapshot(chunk, |b| {
+            let bytes = counted.fetch_add(b.len() as u64, Ordering::Relaxed) + b.len() as u64;
+            if progress.due() {
+                tracing::info!(%follower, mib = bytes >> 20, secs = started.elapsed().as_secs(), "sending a snapshot");
+            }
+            records.blocking_send(b).is_ok()
+        })
     });
     let path = format!("/internal/snapshot?epoch={}", leadership.epoch);
-    let sending = http.post_stream(&peer.address, &path, rx, Duration::from_secs(600));
+    let sending = http.post_stream(&peer.address, &path, rx, SNAPSHOT_STALL);
     let ending = async move {
         let exported = export
             .await
@@ -758,7 +779,39 @@ async fn send_snapshot(
     let at = at?;
     let resp = resp?;
     check_answer(&resp, leadership.epoch)?;
+    tracing::info!(
+        follower = %peer.id,
+        ?at,
+        mib = sent.load(Ordering::Relaxed) >> 20,
+        secs = started.elapsed().as_secs_f64(),
+        "snapshot sent"
+    );
     Ok(at)
+}
+
+/// When a long transfer is next due to be logged: a large snapshot takes minutes, and
+/// both sides say every 10 s how far it got.
+pub struct TransferLog {
+    next: Instant,
+}
+
+impl TransferLog {
+    /// Progress of a transfer that began at `started`.
+    pub fn new(started: Instant) -> Self {
+        TransferLog {
+            next: started + SNAPSHOT_PROGRESS_EVERY,
+        }
+    }
+
+    /// Whether it is time to log again; if so, the next time is one period on.
+    pub fn due(&mut self) -> bool {
+        let now = Instant::now();
+        let due = now >= self.next;
+        if due {
+            self.next = now + SNAPSHOT_PROGRESS_EVERY;
+        }
+        due
+    }
 }
 
 /// A follower's refusal as an error: 409 means it knows an epoch newer than `epoch`.
