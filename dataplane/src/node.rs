@@ -514,12 +514,13 @@ impl Node {
         }
     }
 
-    /// Trims the log: below what every in-sync member holds (leader) or what is committed
-    /// (follower), keeping `log_retain` entries for followers that come back.
+    /// Trims the log: below what every in-sync member holds and what followers being
+    /// rebuilt by snapshot need (leader) or what is committed (follower), keeping
+    /// `log_retain` entries for followers that come back.
     fn trim_log(&self) {
         let st = self.store.state();
         let safe = match &self.assignment.read().unwrap().leadership {
-            Some(l) => l.min_in_sync_ack().min(l.commit()),
+            Some(l) => l.trim_floor(),
             None => self.follower_commit.load(Ordering::Relaxed),
         };
         let upto = safe.min(st.last.seq.saturating_sub(self.cfg.log_retain));

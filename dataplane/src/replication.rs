@@ -309,6 +309,11 @@ pub struct Leadership {
     /// committed without it, so it only counts as in sync once it holds them all.
     join_floor: Mutex<HashMap<String, u64>>,
     progress: Mutex<HashMap<String, Progress>>,
+    /// For each follower being rebuilt by snapshot: the lowest seq it will ask for next.
+    /// Writes go on while a snapshot is copied; were the log trimmed past its position,
+    /// the follower would need another snapshot, and under steady writes, one after
+    /// another for ever.
+    pins: Mutex<HashMap<String, u64>>,
     commit: watch::Sender<u64>,
     store: Store,
     /// Set once this leadership is over: to the higher epoch a follower reported, or to
@@ -333,6 +338,7 @@ impl Leadership {
             in_sync: Mutex::new(Vec::new()),
             join_floor: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
+            pins: Mutex::new(HashMap::new()),
             commit: watch::channel(0).0,
             store,
             deposed: watch::channel(None).0,
@@ -463,6 +469,31 @@ impl Leadership {
             .fold(own, u64::min)
     }
 
+    /// Highest seq the log may be trimmed to: what every in-sync member holds, what is
+    /// committed, and what followers being rebuilt by snapshot still need.
+    pub fn trim_floor(&self) -> u64 {
+        let pinned = self.pins.lock().unwrap().values().min().copied();
+        let floor = self.min_in_sync_ack().min(self.commit());
+        pinned.map_or(floor, |p| floor.min(p))
+    }
+
+    /// Keeps the log after `seq` for `follower`, which a snapshot is rebuilding.
+    fn pin(&self, follower: &str, seq: u64) {
+        self.pins.lock().unwrap().insert(follower.to_string(), seq);
+    }
+
+    /// Moves `follower`'s pin, if it has one, up to `seq`: what it holds may go.
+    fn advance_pin(&self, follower: &str, seq: u64) {
+        if let Some(p) = self.pins.lock().unwrap().get_mut(follower) {
+            *p = (*p).max(seq);
+        }
+    }
+
+    /// Lets the log be trimmed past `follower` again.
+    fn unpin(&self, follower: &str) {
+        self.pins.lock().unwrap().remove(follower);
+    }
+
     /// Recomputes the commit seq after the log grew, a follower answered or the in-sync
     /// set changed. It never moves back.
     pub fn recompute(&self) {
@@ -535,6 +566,11 @@ pub async fn stream_to_follower(
 ) {
     let store = leadership.store.clone();
     leadership.register(&peer.id);
+    // However the stream ends (aborted included), it holds back no trimming after.
+    let _unpin = Unpin {
+        leadership: leadership.clone(),
+        follower: peer.id.clone(),
+    };
     // Staged, not durable: followers store a batch while the leader's own fsync runs.
     let mut changes = store.subscribe_staged();
     // Optimistic start: assume the follower is level; a mismatch walks back.
@@ -554,15 +590,20 @@ pub async fn stream_to_follower(
         };
         let step = match step {
             NextStep::Snapshot => {
+                // The snapshot's position is at least this; the entries after it are what
+                // the follower asks for next.
+                leadership.pin(&peer.id, store.state().last.seq);
                 match send_snapshot(&leadership, &peer, &http, &cfg).await {
                     Ok(at) => {
                         leadership.record_ack(&peer.id, at.seq);
+                        leadership.advance_pin(&peer.id, at.seq);
                         next = at.seq + 1;
                         diverged = false;
                         backoff = Backoff::default();
                     }
                     Err(e) => {
                         tracing::warn!(follower = %peer.id, error = %e, "snapshot transfer failed");
+                        leadership.unpin(&peer.id);
                         backoff.wait().await;
                     }
                 }
@@ -578,9 +619,12 @@ pub async fn stream_to_follower(
         match result {
             Ok(Sent::Matched { through }) => {
                 leadership.record_ack(&peer.id, through);
+                leadership.advance_pin(&peer.id, through);
                 next = through + 1;
                 backoff = Backoff::default();
                 if store.staged().last.seq <= through {
+                    // Caught up: from here on it is kept up like any follower.
+                    leadership.unpin(&peer.id);
                     // Level with the leader: wait for new entries rather than send an
                     // empty round (the commit point reaches the follower with the next
                     // batch or the heartbeat).
@@ -608,9 +652,24 @@ pub async fn stream_to_follower(
             }
             Err(e) => {
                 tracing::debug!(follower = %peer.id, error = %e, "replication request failed");
+                // A follower that stopped answering holds back no trimming: the log keeps
+                // `--log-retain` entries for it like for any other.
+                leadership.unpin(&peer.id);
                 backoff.wait().await;
             }
         }
+    }
+}
+
+/// Releases a follower's pin on the log when its stream ends.
+struct Unpin {
+    leadership: Arc<Leadership>,
+    follower: String,
+}
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        self.leadership.unpin(&self.follower);
     }
 }
 

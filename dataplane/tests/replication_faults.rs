@@ -502,6 +502,64 @@ async fn follower_behind_a_trimmed_log_gets_a_snapshot() {
     shard.converged(0, 1, Duration::from_secs(20)).await;
 }
 
+/// Writes go on while a snapshot rebuilds a follower, many more of them than the log
+/// keeps (`--log-retain 100`). The leader keeps the entries written since the snapshot's
+/// position until the follower has them: one snapshot is enough, the follower catches up
+/// while the writes go on, and none of them is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_rebuilt_under_steady_writes_needs_one_snapshot() {
+    let mut shard = Shard::start(2, AckMode::Sync, &["--log-retain", "100"]);
+    shard.assign(0, 1, &[0, 1]).await;
+    let leader = shard.nodes[0].addr.clone();
+    shard.nodes[1].kill9();
+    shard.assign(0, 1, &[0]).await;
+    // 48 MB to copy: the writers below add far more than 100 entries meanwhile.
+    let http = Http::default();
+    let puts = (0..16).map(|w| {
+        let (http, leader) = (http.clone(), leader.clone());
+        tokio::spawn(async move {
+            for i in (w..3000).step_by(16) {
+                let r = http
+                    .put(&leader, &format!("big-{i}"), vec![b'x'; 16 << 10])
+                    .await;
+                assert!(r.status.is_success(), "big-{i}: {}", r.status);
+            }
+        })
+    });
+    for p in puts.collect::<Vec<_>>() {
+        p.await.unwrap();
+    }
+    let history = History::start(&leader, 8, "steady");
+    eventually(
+        "the leader to trim its log",
+        Duration::from_secs(10),
+        || async { (shard.status(0).await.log_start_seq > 1000).then_some(()) },
+    )
+    .await;
+    shard.nodes[1].restart();
+    shard.follow(1, 0, 1).await;
+    shard.assign(0, 1, &[0]).await;
+    let follower = shard.nodes[1].id.clone();
+    eventually(
+        "the follower to catch up while the writes go on",
+        Duration::from_secs(60),
+        || async {
+            let l = shard.status(0).await;
+            let ack = l.follower_acks.iter().find(|a| a.id == follower)?;
+            (ack.acked_seq + 100 >= l.last_seq).then_some(())
+        },
+    )
+    .await;
+    let during = history.writes.load(Ordering::Relaxed);
+    let acked = history.finish().await;
+    assert_eq!(History::lost(&acked, &leader).await, 0);
+    let f = shard.converged(0, 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        f.snapshots_installed, 1,
+        "{during} writes while it caught up"
+    );
+}
+
 /// A leader stopped with SIGSTOP while a newer leader is promoted can acknowledge nothing
 /// once it resumes; told to follow, it cuts what was never committed and converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
