@@ -21,26 +21,6 @@ fn prefix_for_shard(shard: u16) -> String {
         .unwrap()
 }
 
-/// The shard's leader as `/v1/cluster` reports it: (replica id, epoch).
-async fn leader_of(http: &Http, router: &str, shard: usize) -> Option<(String, u64)> {
-    let r = http.try_req(Method::GET, router, "/v1/cluster", "").await?;
-    let c = json(&r);
-    let s = &c["shards"][shard];
-    Some((s["leader"].as_str()?.to_string(), s["epoch"].as_u64()?))
-}
-
-/// Whether every replica of the shard is marked in-sync and reachable.
-async fn fully_in_sync(http: &Http, router: &str, shard: usize) -> bool {
-    let Some(r) = http.try_req(Method::GET, router, "/v1/cluster", "").await else {
-        return false;
-    };
-    let c = json(&r);
-    c["shards"][shard]["replicas"].as_array().is_some_and(|rs| {
-        rs.iter()
-            .all(|x| x["in_sync"] == true && x["reachable"] == true)
-    })
-}
-
 /// A 3×2 playground whose shard 0 is fully in sync and holds `{tag}name` = `value`:
 /// the playground, that key, and shard 0's leader with its epoch.
 async fn shard0_holding(

@@ -137,6 +137,26 @@ pub fn json(r: &Response) -> serde_json::Value {
         .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&r.body)))
 }
 
+/// The shard's leader as `/v1/cluster` reports it: (replica id, epoch).
+pub async fn leader_of(http: &Http, router: &str, shard: usize) -> Option<(String, u64)> {
+    let r = http.try_req(Method::GET, router, "/v1/cluster", "").await?;
+    let c = json(&r);
+    let s = &c["shards"][shard];
+    Some((s["leader"].as_str()?.to_string(), s["epoch"].as_u64()?))
+}
+
+/// Whether every replica of the shard is marked in-sync and reachable.
+pub async fn fully_in_sync(http: &Http, router: &str, shard: usize) -> bool {
+    let Some(r) = http.try_req(Method::GET, router, "/v1/cluster", "").await else {
+        return false;
+    };
+    let c = json(&r);
+    c["shards"][shard]["replicas"].as_array().is_some_and(|rs| {
+        rs.iter()
+            .all(|x| x["in_sync"] == true && x["reachable"] == true)
+    })
+}
+
 /// A playground started as a child process.
 pub struct Playground {
     pub child: Child,
