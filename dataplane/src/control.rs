@@ -206,6 +206,10 @@ pub struct ReplicaControl {
     /// First round of its current unreachable streak.
     #[serde(default)]
     pub unreachable_since_ms: Option<u64>,
+    /// Highest epoch it has reported. Replicas persist their epoch, so a lower report
+    /// means its storage was lost or replaced: it holds nothing it acknowledged before.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// The outcome of one control round.
@@ -406,6 +410,34 @@ pub fn initial_state(spec: &ClusterSpec) -> ControlState {
 }
 
 impl ControlState {
+    /// Counts the leases that `actions` grant from `now_ms`, when the driver sends them.
+    ///
+    /// [`decide`] counts a lease from its own `now_ms`, while a leader counts it from when
+    /// its role was sent. A driver that does anything slow in between (the operator
+    /// records its status first) calls this right before sending, or a failover could
+    /// start while the old leader still serves on its lease.
+    pub fn leases_sent(&mut self, actions: &[Action], now_ms: u64) {
+        for action in actions {
+            let Action::SendRole {
+                replica, request, ..
+            } = action
+            else {
+                continue;
+            };
+            if request.role != Role::Leader {
+                continue;
+            }
+            let Some(shard) = self.topology.shards.iter().find(|s| {
+                s.leader.as_deref() == Some(replica.as_str()) && s.epoch == request.epoch
+            }) else {
+                continue;
+            };
+            if let Some(ctl) = self.shards.iter_mut().find(|c| c.shard == shard.id) {
+                ctl.lease_granted_ms = ctl.lease_granted_ms.max(now_ms);
+            }
+        }
+    }
+
     /// Rebases every remembered time onto a new driver clock, after loading persisted state.
     ///
     /// Treats the last lease grant as happening now, which can only delay a failover, and
@@ -568,6 +600,8 @@ struct ShardRound<'a, 'o> {
     shard: &'a mut ShardInfo,
     ctl: &'a mut ShardControl,
     seen: Vec<Seen<'o>>,
+    /// Replicas that report a lower epoch than they did before: their storage is gone.
+    lost: Vec<bool>,
     addresses: Vec<Option<&'o str>>,
     now: u64,
     actions: &'a mut Vec<Action>,
@@ -596,6 +630,7 @@ impl<'a, 'o> ShardRound<'a, 'o> {
         ShardRound {
             spec,
             seen: found.iter().map(|o| Seen::of(*o)).collect(),
+            lost: vec![false; found.len()],
             addresses: found
                 .iter()
                 .map(|o| {
@@ -613,8 +648,8 @@ impl<'a, 'o> ShardRound<'a, 'o> {
 
     fn run(mut self) {
         self.ctl.clamp_clock(self.now);
-        self.observe();
         let before = self.ctl.in_sync.clone();
+        self.observe();
         let lead = self.leadership();
         if let Lead::Serving { idx, settled: true } = lead {
             self.maintain_in_sync(idx);
@@ -673,7 +708,11 @@ impl<'a, 'o> ShardRound<'a, 'o> {
         for (i, seen) in self.seen.iter().enumerate() {
             let rc = &mut self.ctl.replicas[i];
             match seen {
-                Seen::Up(_) => rc.unreachable_since_ms = None,
+                Seen::Up(s) => {
+                    rc.unreachable_since_ms = None;
+                    self.lost[i] = s.epoch < rc.epoch;
+                    rc.epoch = rc.epoch.max(s.epoch);
+                }
                 Seen::Dead | Seen::Unknown => {
                     rc.unreachable_since_ms.get_or_insert(self.now);
                 }
@@ -692,6 +731,16 @@ impl<'a, 'o> ShardRound<'a, 'o> {
             .max()
             .unwrap_or(0);
         self.ctl.max_epoch_seen = self.ctl.max_epoch_seen.max(self.shard.epoch).max(observed);
+        // A replica that lost its storage no longer holds the writes it acknowledged: it
+        // stops counting at once, before anything is promoted, and rejoins like any other.
+        let lost: BTreeSet<&str> = (0..self.lost.len())
+            .filter(|&i| self.lost[i])
+            .map(|i| self.shard.replicas[i].id.as_str())
+            .collect();
+        self.ctl.in_sync.retain(|id| !lost.contains(id.as_str()));
+        self.ctl
+            .pending_in_sync
+            .retain(|id| !lost.contains(id.as_str()));
     }
 
     fn set_unavailable(&mut self, reason: Option<Unavailable>) {
@@ -767,6 +816,11 @@ impl<'a, 'o> ShardRound<'a, 'o> {
         let Some(li) = self.shard.leader.as_deref().and_then(|l| self.index_of(l)) else {
             return self.bootstrap();
         };
+        if self.lost[li] {
+            // Back with empty storage: whatever it reports, it neither leads nor holds
+            // the shard's writes, and its old process is gone.
+            return self.fail_over(li);
+        }
         let epoch = self.shard.epoch;
         let seen = self.seen[li];
         match seen {
@@ -2029,6 +2083,69 @@ mod tests {
         let taken = [dead("s0-r0"), healthy("s0-r1", 4, 20, &["s0-r1"]).obs()];
         let d = decide(&spec, &d.state, &taken, T0 + 5_200);
         assert!(d.events.contains(&Event::ShardAvailable { shard: 0 }));
+    }
+
+    #[test]
+    fn a_leader_back_with_empty_storage_is_not_offered_its_leadership_again() {
+        let spec = spec(3, 1);
+        let all = ["s0-r0", "s0-r1", "s0-r2"];
+        let settled = [
+            healthy("s0-r0", 3, 100, &all).obs(),
+            node("s0-r1").follower(3).at(3, 100).obs(),
+            node("s0-r2").follower(3).at(3, 100).obs(),
+        ];
+        let d = decide(&spec, &running(&spec, "s0-r0", 3, &all), &settled, T0 + 100);
+        assert_eq!(leader_requests(&d), vec![("s0-r0", 3)]);
+        // r0's volume was replaced (PVC deleted, disk lost) and its Pod came back before
+        // the lease ran out: it answers as a fresh node at epoch 0, with nothing stored.
+        let wiped = [
+            node("s0-r0").obs(),
+            node("s0-r1").follower(3).at(3, 100).obs(),
+            node("s0-r2").follower(3).at(3, 100).obs(),
+        ];
+        let d = decide(&spec, &d.state, &wiped, T0 + 300);
+        assert!(
+            !leader_requests(&d).contains(&("s0-r0", 3)),
+            "an empty replica must not lead epoch 3, whose entries its followers hold"
+        );
+        assert_eq!(leader(&d), (Some("s0-r1"), 4));
+        assert!(!in_sync(&d).contains(&"s0-r0"));
+    }
+
+    #[test]
+    fn an_in_sync_replica_back_with_empty_storage_is_never_promoted() {
+        let spec = spec(2, 1);
+        let both = ["s0-r0", "s0-r1"];
+        let settled = [
+            healthy("s0-r0", 3, 100, &both).obs(),
+            node("s0-r1").follower(3).at(3, 100).obs(),
+        ];
+        let d = decide(
+            &spec,
+            &running(&spec, "s0-r0", 3, &both),
+            &settled,
+            T0 + 100,
+        );
+        assert_eq!(in_sync(&d), both.to_vec());
+        // r1 lost its volume and came back empty while r0 went down: r0 alone holds the
+        // 100 committed entries.
+        let d = decide(
+            &spec,
+            &d.state,
+            &[dead("s0-r0"), node("s0-r1").obs()],
+            T0 + 300,
+        );
+        assert!(promotions(&d).is_empty(), "{:?}", d.events);
+        assert!(leader_requests(&d).is_empty());
+        assert_eq!(in_sync(&d), vec!["s0-r0"]);
+        // r0 returns: it leads again, and r1 rejoins only by catching up.
+        let back = [
+            node("s0-r0").unassigned(3).at(3, 100).obs(),
+            node("s0-r1").follower(3).obs(),
+        ];
+        let d = decide(&spec, &d.state, &back, T0 + 500);
+        assert_eq!(leader(&d), (Some("s0-r0"), 4));
+        assert_eq!(in_sync(&d), vec!["s0-r0"]);
     }
 
     #[test]

@@ -532,7 +532,13 @@ impl Supervisor {
             tracing::debug!(event = %e, "control");
             println!("{e}");
         }
-        let changed = decision.state != self.state;
+        // Recorded before acting, as the operator does: after a restart the supervisor
+        // promotes from the recorded in-sync set and above the recorded epochs, so no
+        // leader may be told a smaller set, nor a replica a new leadership, that the file
+        // does not hold yet. A round that cannot be recorded is not acted on.
+        if decision.state != self.state && !self.save(&decision.state) {
+            return;
+        }
         self.state = decision.state;
         let mut roles = Vec::new();
         let mut topology = None;
@@ -561,9 +567,6 @@ impl Supervisor {
         // it leads would get not_leader.
         if let Some(t) = topology {
             self.publish(&t).await;
-        }
-        if changed {
-            self.save();
         }
         self.write_info();
     }
@@ -625,10 +628,11 @@ impl Supervisor {
         }
     }
 
-    fn save(&self) {
+    /// Writes `state` to `control.json`; whether it was written.
+    fn save(&self, state: &ControlState) -> bool {
         let saved = Saved {
             spec: self.spec.clone(),
-            state: self.state.clone(),
+            state: state.clone(),
         };
         let path = self.cfg.data_dir.join("control.json");
         if let Err(e) = write_atomic(
@@ -636,7 +640,9 @@ impl Supervisor {
             &serde_json::to_vec_pretty(&saved).expect("state encodes"),
         ) {
             tracing::error!(error = %e, "cannot save control state");
+            return false;
         }
+        true
     }
 
     fn write_info(&mut self) {
@@ -821,7 +827,7 @@ pub async fn run(
         }
     }
     println!("stopping");
-    sup.save();
+    sup.save(&sup.state);
     sup.stop().await;
     Ok(())
 }

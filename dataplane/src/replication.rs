@@ -184,6 +184,16 @@ pub fn known_committed(
     }
 }
 
+/// The most of the leader's log a follower that refused a batch can still hold: its log
+/// ends at `follower_last`, and where it holds another epoch at `prev` (`conflict`), it
+/// differs from that epoch's first entry there on.
+pub fn held_at_most(follower_last: Position, conflict: Option<Position>) -> u64 {
+    match conflict {
+        Some(c) => c.seq.saturating_sub(1).min(follower_last.seq),
+        None => follower_last.seq,
+    }
+}
+
 /// What the leader sends a follower next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NextStep {
@@ -526,6 +536,27 @@ impl Leadership {
             });
     }
 
+    /// Caps what `follower` counts as holding at `seq`, after it answered that its log
+    /// holds no more of this one. Below what it acknowledged, it came back with less
+    /// (storage lost or replaced behind the same address, so its stream never started
+    /// again): it is reported in sync again only once it holds the whole log as of now,
+    /// not just as of its joining, so the control plane stops counting it for promotion.
+    fn lower_ack(&self, follower: &str, seq: u64) {
+        let lowered = match self.progress.lock().unwrap().get_mut(follower) {
+            Some(p) if seq < p.acked => {
+                p.acked = seq;
+                true
+            }
+            _ => false,
+        };
+        if lowered {
+            let end = self.store.state().last.seq;
+            if let Some(floor) = self.join_floor.lock().unwrap().get_mut(follower) {
+                *floor = (*floor).max(end);
+            }
+        }
+    }
+
     /// Drops a follower that is no longer a peer of the shard.
     pub fn forget(&self, follower: &str) {
         self.progress.lock().unwrap().remove(follower);
@@ -637,6 +668,7 @@ pub async fn stream_to_follower(
                 conflict,
             }) => {
                 tracing::info!(follower = %peer.id, ?prev, ?last, ?conflict, "follower log differs; walking back");
+                leadership.lower_ack(&peer.id, held_at_most(last, conflict));
                 next = match next_after_mismatch(&store, prev, last, conflict) {
                     NextStep::From(n) => n,
                     NextStep::Snapshot => 0,
@@ -644,6 +676,7 @@ pub async fn stream_to_follower(
             }
             Ok(Sent::Diverged { base }) => {
                 tracing::warn!(follower = %peer.id, ?base, "follower's log differs at or below its base");
+                leadership.lower_ack(&peer.id, 0);
                 diverged = true;
             }
             Err(StreamError::Stale(epoch)) => {
@@ -1252,6 +1285,43 @@ mod tests {
         assert_eq!(acked(&leadership), vec![("f".to_string(), 0)]);
         leadership.forget("f");
         assert_eq!(acked(&leadership), vec![]);
+    }
+
+    /// A follower that answers with a shorter log than it acknowledged (its volume was
+    /// replaced behind the same address, so its stream never started again) stops being
+    /// reported in sync: the control plane must not promote it for what it no longer has.
+    #[tokio::test]
+    async fn a_follower_back_with_less_than_it_acknowledged_is_no_longer_reported_in_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Arc::new(())).unwrap();
+        store.raise_epoch(1).await.unwrap();
+        let put = |k: &'static str| {
+            let key = Bytes::from_static(k.as_bytes());
+            let slot = crate::slots::slot_for(&key);
+            let op = crate::storage::Op::Put(Bytes::from_static(b"v"));
+            store.write(1, slot, key, op, crate::storage::Condition::None)
+        };
+        put("a").await.unwrap();
+        let members = vec!["me".to_string(), "f".to_string()];
+        let leadership = Leadership::new("me".into(), 1, AckMode::Sync, members, store.clone());
+        leadership.register("f");
+        leadership.record_ack("f", 1);
+        for k in ["b", "c", "d", "e"] {
+            put(k).await.unwrap();
+        }
+        leadership.record_ack("f", 5);
+        assert_eq!(leadership.confirmed_in_sync(), vec!["me", "f"]);
+        // The stream's next batch (prev 1-5) finds an empty log there.
+        leadership.lower_ack("f", held_at_most(p(0, 0), None));
+        assert_eq!(leadership.confirmed_in_sync(), vec!["me"]);
+        // Catching up past where it joined (1) is not enough: it lacks 2..=5.
+        leadership.record_ack("f", 3);
+        assert_eq!(leadership.confirmed_in_sync(), vec!["me"]);
+        leadership.record_ack("f", 5);
+        assert_eq!(leadership.confirmed_in_sync(), vec!["me", "f"]);
+        assert_eq!(held_at_most(p(1, 9), Some(p(1, 4))), 3);
+        assert_eq!(held_at_most(p(1, 2), Some(p(1, 4))), 2);
+        assert_eq!(held_at_most(p(2, 7), None), 7);
     }
 
     #[test]

@@ -279,9 +279,8 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
     let mut actions = Vec::new();
     if let Some(mut current) = state.take() {
         let observations = observe::observations(&nodes, &statuses);
-        // Read the clock only now, right before the roles go out: the control core counts
-        // a lease from this instant, and the leader's lease starts when the role arrives,
-        // so an earlier reading would let a failover start before the lease has run out.
+        // The control core counts a lease from this instant; the roles go out after the
+        // status write, and `leases_sent` moves the count to then.
         let now_ms = (ctx.clock)();
         if restored {
             // Loaded from the status (new process or new leader): rebase onto our clock.
@@ -327,7 +326,11 @@ pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action,
         }
     }
 
-    // Act.
+    // Act. The leader's lease runs from its role's send time, which a slow status write
+    // put well after the decision: so must the wait before it is replaced.
+    if let Some(state) = state.as_mut() {
+        state.leases_sent(&actions, (ctx.clock)());
+    }
     execute(&ctx, &namespace, &nodes, &actions).await;
     if let Some(state) = &state {
         // Every round, so a router that started since the last change catches up within

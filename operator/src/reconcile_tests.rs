@@ -314,6 +314,52 @@ async fn a_dead_leader_is_replaced_at_a_higher_epoch_after_its_lease() {
     );
 }
 
+/// A lease runs from when its role goes out, which is after the status write: if that
+/// write is slow, the wait before replacing an unreachable leader must count from the
+/// send, or the new leader is promoted while the old one may still serve on its lease.
+#[tokio::test]
+async fn a_slow_status_write_does_not_shorten_the_wait_for_a_lost_leaders_lease() {
+    let mut h = Harness::new(
+        "  shards: 1\n  replicasPerShard: 2\n  replication: {minInSync: 1, leaseMs: 5000, failoverGraceMs: 1000}\n",
+    );
+    h.start_pods();
+    // The first status write takes 2 s (a loaded API server).
+    let (clock, once) = (h.clock.clone(), Arc::new(std::sync::Once::new()));
+    h.api.on_request(
+        "/status",
+        Arc::new(move || {
+            once.call_once(|| {
+                clock.fetch_add(2_000, Ordering::SeqCst);
+            })
+        }),
+    );
+    h.round(0).await;
+    assert_eq!(h.status().shards[0].leader.as_deref(), Some("s0-r0"));
+    // The leader role went out after the write: its lease runs 5 s from there.
+    let sent = h.clock.load(Ordering::SeqCst);
+    assert_eq!(sent, 3_000);
+    let lease_ends = sent + 5_000;
+
+    h.nodes.take_down(&address(0, 0));
+    let mut pods = vec![test_pods::node(0, 0, false, "Running")];
+    pods.push(test_pods::node(0, 1, true, "Running"));
+    pods.push(test_pods::router(1, true));
+    h.api.set_pods(pods);
+    while h.clock.load(Ordering::SeqCst) + 500 < lease_ends + 1_000 {
+        h.round(500).await;
+        assert_eq!(
+            h.status().shards[0].leader.as_deref(),
+            Some("s0-r0"),
+            "promoted at {} ms while s0-r0's lease (to {lease_ends} ms) plus grace may run",
+            h.clock.load(Ordering::SeqCst)
+        );
+    }
+    for _ in 0..4 {
+        h.round(500).await;
+    }
+    assert_eq!(h.status().shards[0].leader.as_deref(), Some("s0-r1"));
+}
+
 #[tokio::test]
 async fn an_invalid_spec_sets_degraded_and_applies_nothing() {
     let mut h = Harness::new("  shards: 1\n  replicasPerShard: 3\n  replication: {minInSync: 4}\n");

@@ -35,7 +35,11 @@ struct ApiState {
     next_rv: u64,
     failing: Vec<String>,
     hanging: Vec<String>,
+    hooks: Vec<(String, Hook)>,
 }
+
+/// Something a test runs while the server handles a request (e.g. let time pass).
+type Hook = Arc<dyn Fn() + Send + Sync>;
 
 /// An in-memory API server understanding what the operator does: server-side apply
 /// (stored as sent, but refusing changed StatefulSet volumeClaimTemplates), status apply,
@@ -88,6 +92,16 @@ impl FakeApi {
             .push(fragment.to_string());
     }
 
+    /// Runs `hook` before answering each request whose path contains `fragment`, as a
+    /// slow server would let time pass.
+    pub fn on_request(&self, fragment: &str, hook: Hook) {
+        self.state
+            .lock()
+            .unwrap()
+            .hooks
+            .push((fragment.to_string(), hook));
+    }
+
     /// Every request so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.lock().unwrap().requests.clone()
@@ -132,6 +146,13 @@ impl FakeApi {
             .any(|f| path.contains(f.as_str()))
         {
             return std::future::pending().await;
+        }
+        let hooks: Vec<Hook> = (self.state.lock().unwrap().hooks.iter())
+            .filter(|(f, _)| path.contains(f.as_str()))
+            .map(|(_, h)| h.clone())
+            .collect();
+        for hook in hooks {
+            hook();
         }
         let mut st = self.state.lock().unwrap();
         st.requests.push(Recorded {
