@@ -176,6 +176,11 @@ pub struct ShardControl {
     /// Highest epoch ever observed or assigned in this shard.
     #[serde(default)]
     pub max_epoch_seen: u64,
+    /// Numbers the rounds that send this shard's replicas their roles, so a replica can
+    /// tell a request that arrived late from the latest ([`RoleRequest::round`]). Never
+    /// below what a replica reports having taken, should this state be lost.
+    #[serde(default)]
+    pub role_round: u64,
     /// The leader's last sequence number when its leadership began.
     ///
     /// Every write committed before this epoch is at or below it, so a follower that has
@@ -712,6 +717,7 @@ impl<'a, 'o> ShardRound<'a, 'o> {
                     rc.unreachable_since_ms = None;
                     self.lost[i] = s.epoch < rc.epoch;
                     rc.epoch = rc.epoch.max(s.epoch);
+                    self.ctl.role_round = self.ctl.role_round.max(s.role_round);
                 }
                 Seen::Dead | Seen::Unknown => {
                     rc.unreachable_since_ms.get_or_insert(self.now);
@@ -1078,6 +1084,8 @@ impl<'a, 'o> ShardRound<'a, 'o> {
         let leader_address =
             Some(self.shard.replicas[li].address.clone()).filter(|a| !a.is_empty());
         let epoch = self.shard.epoch;
+        self.ctl.role_round += 1;
+        let round = self.ctl.role_round;
         // Leader first, so followers that act at once find it already leading.
         let order = std::iter::once(li).chain((0..self.shard.replicas.len()).filter(|&i| i != li));
         for i in order.collect::<Vec<_>>() {
@@ -1127,6 +1135,7 @@ impl<'a, 'o> ShardRound<'a, 'o> {
                 slot_ranges: self.shard.slot_ranges.clone(),
                 mode: self.spec.mode,
                 min_in_sync: self.spec.min_in_sync,
+                round,
             };
             self.actions.push(Action::SendRole {
                 replica: replica.id.clone(),
@@ -2086,6 +2095,29 @@ mod tests {
     }
 
     #[test]
+    fn each_round_numbers_its_role_requests_above_any_a_replica_took() {
+        let spec = spec(2, 1);
+        let both = ["s0-r0", "s0-r1"];
+        let seen = [
+            healthy("s0-r0", 3, 100, &both).obs(),
+            node("s0-r1").follower(3).at(3, 100).obs(),
+        ];
+        let first = decide(&spec, &running(&spec, "s0-r0", 3, &both), &seen, T0 + 100);
+        let next = decide(&spec, &first.state, &seen, T0 + 200);
+        let round = |d: &Decision, id: &str| role(d, id).round;
+        assert!(round(&first, "s0-r0") > 0);
+        assert!(round(&next, "s0-r0") > round(&first, "s0-r0"));
+        assert_eq!(round(&next, "s0-r1"), round(&next, "s0-r0"));
+        // A control plane that lost its state goes on above what the leader took, or its
+        // requests would all be refused as late ones.
+        let mut took = healthy("s0-r0", 3, 100, &both).obs();
+        took.status.as_mut().unwrap().role_round = 500;
+        let fresh = running(&spec, "s0-r0", 3, &both);
+        let d = decide(&spec, &fresh, &[took, seen[1].clone()], T0 + 300);
+        assert!(round(&d, "s0-r0") > 500);
+    }
+
+    #[test]
     fn a_leader_back_with_empty_storage_is_not_offered_its_leadership_again() {
         let spec = spec(3, 1);
         let all = ["s0-r0", "s0-r1", "s0-r2"];
@@ -2608,6 +2640,7 @@ mod tests {
                             digest: String::new(),
                             log_start_seq: 0,
                             snapshots_installed: 0,
+                            role_round: 0,
                             follower_acks: if n.role == Role::Leader {
                                 n.acks
                                     .iter()

@@ -75,6 +75,8 @@ struct Assignment {
     min_in_sync: u32,
     leadership: Option<Arc<Leadership>>,
     streams: HashMap<String, (String, JoinHandle<()>)>,
+    /// Latest control round whose role request was taken at `epoch`.
+    role_round: u64,
 }
 
 impl Assignment {
@@ -150,6 +152,7 @@ impl Node {
                 min_in_sync: 1,
                 leadership: None,
                 streams: HashMap::new(),
+                role_round: 0,
             }),
             follower_commit: AtomicU64::new(0),
             snapshots_installed: AtomicU64::new(0),
@@ -358,6 +361,7 @@ impl Node {
             log_start_seq: st.base.seq + 1,
             snapshots_installed: self.snapshots_installed.load(Ordering::Relaxed),
             follower_acks,
+            role_round: a.role_round,
         })
     }
 
@@ -388,6 +392,21 @@ impl Node {
             if req.epoch < a.epoch {
                 return Err(ApiError::stale_epoch(req.epoch, a.epoch));
             }
+            if req.epoch == a.epoch && req.round != 0 && req.round < a.role_round {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "stale_round",
+                    format!(
+                        "this role request is from control round {}; round {} has been taken",
+                        req.round, a.role_round
+                    ),
+                ));
+            }
+            a.role_round = if req.epoch > a.epoch {
+                req.round
+            } else {
+                a.role_round.max(req.round)
+            };
             let same_term = a.epoch == req.epoch && a.role == req.role;
             a.epoch = req.epoch;
             a.role = req.role;
@@ -509,6 +528,7 @@ impl Node {
             }
             a.end_leadership();
             a.epoch = epoch;
+            a.role_round = 0;
             a.role = Role::Follower;
             a.leader = None;
         }

@@ -51,6 +51,12 @@ pub struct RoleRequest {
     /// Fewest in-sync members (leader included) with which the leader still takes writes.
     #[serde(default = "one")]
     pub min_in_sync: u32,
+    /// The control round that sent it. Within one epoch a replica refuses a request from
+    /// an earlier round than one it took: requests can arrive late and out of order (a
+    /// stopped replica resumes with several queued), and a late one would bring back an
+    /// in-sync set the control plane has since changed. 0: unnumbered, always taken.
+    #[serde(default)]
+    pub round: u64,
 }
 
 fn one() -> u32 {
@@ -89,6 +95,10 @@ pub struct NodeStatus {
     /// For a leader: each follower's acknowledged sequence number.
     #[serde(default)]
     pub follower_acks: Vec<FollowerAck>,
+    /// Latest control round whose role request it took at its current epoch: a control
+    /// plane that lost its own count goes on above it.
+    #[serde(default)]
+    pub role_round: u64,
 }
 
 impl NodeStatus {
@@ -108,6 +118,7 @@ impl NodeStatus {
             log_start_seq: 0,
             snapshots_installed: 0,
             follower_acks: vec![],
+            role_round: 0,
         }
     }
 }

@@ -346,6 +346,7 @@ async fn lead_alone(node: &NodeProc) {
         slot_ranges: vec![],
         mode: AckMode::Sync,
         min_in_sync: 1,
+        round: 0,
     };
     let admin = AdminClient::new(Duration::from_secs(5));
     admin.set_role(&node.addr, &lead).await.unwrap();

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use common::*;
 use dataplane::replication::ReplicateRequest;
 use dataplane::storage::{LogEntry, Op, Position};
-use dataplane::wire::AckMode;
+use dataplane::wire::{AckMode, RoleRequest};
 use hyper::Method;
 
 /// Writes `count` keys `prefix-i` with 16 concurrent writers; all must succeed.
@@ -560,6 +560,48 @@ async fn a_follower_rebuilt_under_steady_writes_needs_one_snapshot() {
     );
 }
 
+/// Role requests can arrive late and out of order (a replica stopped for a moment resumes
+/// with several queued). Within an epoch a leader refuses one from an earlier control
+/// round than one it took, so a late request cannot bring back an in-sync set the control
+/// plane has since changed; the latest round, and unnumbered requests, are taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_request_from_an_earlier_round_is_refused() {
+    let shard = Shard::start(2, AckMode::Sync, &[]);
+    shard.assign(0, 1, &[0, 1]).await;
+    let leader = &shard.nodes[0].addr;
+    let latest = RoleRequest {
+        round: 7,
+        ..shard.lead_request(1, &[0, 1])
+    };
+    shard.admin.set_role(leader, &latest).await.unwrap();
+    let late = RoleRequest {
+        round: 6,
+        ..shard.lead_request(1, &[0])
+    };
+    let refused = shard.admin.set_role(leader, &late).await.unwrap_err();
+    assert!(refused.to_string().contains("stale_round"), "{refused}");
+    let both: Vec<String> = shard.nodes.iter().map(|n| n.id.clone()).collect();
+    let st = eventually(
+        "the latest round's in-sync set",
+        Duration::from_secs(10),
+        || async {
+            let st = shard.status(0).await;
+            (st.in_sync.len() == 2).then_some(st)
+        },
+    )
+    .await;
+    assert_eq!((st.in_sync, st.role_round), (both, 7));
+    let next = RoleRequest {
+        round: 8,
+        ..shard.lead_request(1, &[0])
+    };
+    let st = shard.admin.set_role(leader, &next).await.unwrap();
+    assert_eq!(
+        (st.in_sync, st.role_round),
+        (vec![shard.nodes[0].id.clone()], 8)
+    );
+}
+
 /// A leader stopped with SIGSTOP while a newer leader is promoted can acknowledge nothing
 /// once it resumes; told to follow, it cuts what was never committed and converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -607,6 +649,7 @@ async fn stale_leader_is_fenced_then_truncates_and_converges() {
         slot_ranges: vec![],
         mode: AckMode::Sync,
         min_in_sync: 1,
+        round: 0,
     };
     shard
         .admin

@@ -361,20 +361,25 @@ impl Shard {
             .collect()
     }
 
-    /// Makes `leader` lead at `epoch` with `in_sync` (ids), the others follow it.
-    pub async fn assign(&self, leader: usize, epoch: u64, in_sync: &[usize]) {
-        let in_sync: Vec<String> = in_sync.iter().map(|&i| self.nodes[i].id.clone()).collect();
-        let lead = RoleRequest {
+    /// The request that makes a replica lead at `epoch` with `in_sync` (indices).
+    pub fn lead_request(&self, epoch: u64, in_sync: &[usize]) -> RoleRequest {
+        RoleRequest {
             epoch,
             role: Role::Leader,
             leader: None,
-            in_sync: in_sync.clone(),
+            in_sync: in_sync.iter().map(|&i| self.nodes[i].id.clone()).collect(),
             lease_ms: self.lease_ms,
             peers: self.peers(),
             slot_ranges: vec![],
             mode: self.mode,
             min_in_sync: 1,
-        };
+            round: 0,
+        }
+    }
+
+    /// Makes `leader` lead at `epoch` with `in_sync` (indices), the others follow it.
+    pub async fn assign(&self, leader: usize, epoch: u64, in_sync: &[usize]) {
+        let lead = self.lead_request(epoch, in_sync);
         self.admin
             .set_role(&self.nodes[leader].addr, &lead)
             .await
@@ -399,6 +404,7 @@ impl Shard {
             slot_ranges: vec![],
             mode: self.mode,
             min_in_sync: 1,
+            round: 0,
         };
         let _ = self.admin.set_role(&self.nodes[i].addr, &req).await;
     }
