@@ -40,6 +40,19 @@ async fn write_all(addr: &str, prefix: &str, count: usize) {
     }
 }
 
+/// Waits for the leader (node 0) to trim its log past `seq`; where its log now starts.
+async fn trimmed_past(shard: &Shard, seq: u64) -> u64 {
+    eventually(
+        "the leader to trim its log",
+        Duration::from_secs(10),
+        || async {
+            let start = shard.status(0).await.log_start_seq;
+            (start > seq).then_some(start)
+        },
+    )
+    .await
+}
+
 /// A batch whose entries do not follow `prev` one by one, or claim a later epoch than their
 /// sender's, is refused whole with 400 `invalid_batch`. The follower keeps its log and its
 /// epoch, though the batch names a higher one: a malformed request changes nothing.
@@ -346,12 +359,7 @@ async fn snapshot_past_the_commit_point(
     shard.nodes[2].kill9();
     shard.assign(0, 1, &[0, 1]).await;
     write_all(&leader, "during", 2000).await;
-    eventually(
-        "the leader to trim its log",
-        Duration::from_secs(10),
-        || async { (shard.status(0).await.log_start_seq > 500).then_some(()) },
-    )
-    .await;
+    trimmed_past(shard, 500).await;
     // A goes down (a stopped process would still take the bytes into its socket), and
     // the leader takes writes it cannot commit.
     shard.nodes[1].kill9();
@@ -471,15 +479,7 @@ async fn follower_behind_a_trimmed_log_gets_a_snapshot() {
         http.put(&leader, &format!("before-{i}"), "changed").await;
         http.delete(&leader, &format!("/v1/kv/during-{i}")).await;
     }
-    let trimmed = eventually(
-        "the leader to trim its log",
-        Duration::from_secs(10),
-        || async {
-            let st = shard.status(0).await;
-            (st.log_start_seq > 500).then_some(st.log_start_seq)
-        },
-    )
-    .await;
+    let trimmed = trimmed_past(&shard, 500).await;
     shard.nodes[1].restart();
     shard.follow(1, 0, 1).await;
     shard.assign(0, 1, &[0]).await;
@@ -530,12 +530,7 @@ async fn a_follower_rebuilt_under_steady_writes_needs_one_snapshot() {
         p.await.unwrap();
     }
     let history = History::start(&leader, 8, "steady");
-    eventually(
-        "the leader to trim its log",
-        Duration::from_secs(10),
-        || async { (shard.status(0).await.log_start_seq > 1000).then_some(()) },
-    )
-    .await;
+    trimmed_past(&shard, 1000).await;
     shard.nodes[1].restart();
     shard.follow(1, 0, 1).await;
     shard.assign(0, 1, &[0]).await;
