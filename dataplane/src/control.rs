@@ -173,6 +173,9 @@ pub struct ShardControl {
     /// When the control plane last sent the current leader its role (granting a lease).
     #[serde(default)]
     pub lease_granted_ms: u64,
+    /// When the current leader was made leader (promoted or adopted).
+    #[serde(default)]
+    pub installed_ms: u64,
     /// Highest epoch ever observed or assigned in this shard.
     #[serde(default)]
     pub max_epoch_seen: u64,
@@ -450,6 +453,7 @@ impl ControlState {
     pub fn resume(&mut self, now_ms: u64) {
         for ctl in &mut self.shards {
             ctl.lease_granted_ms = now_ms;
+            ctl.installed_ms = now_ms;
             for r in &mut ctl.replicas {
                 r.caught_up_since_ms = None;
                 r.caught_up_rounds = 0;
@@ -472,6 +476,7 @@ impl ShardControl {
     /// A clock that went backwards means a new driver clock; fall back to `resume` semantics.
     fn clamp_clock(&mut self, now: u64) {
         self.lease_granted_ms = self.lease_granted_ms.min(now);
+        self.installed_ms = self.installed_ms.min(now);
         for r in &mut self.replicas {
             if r.caught_up_since_ms.is_some_and(|t| t > now) {
                 r.caught_up_since_ms = None;
@@ -790,6 +795,7 @@ impl<'a, 'o> ShardRound<'a, 'o> {
         self.ctl.in_sync = in_sync;
         self.ctl.pending_in_sync.clear();
         self.ctl.lease_granted_ms = self.now;
+        self.ctl.installed_ms = self.now;
         self.ctl.epoch_start_seq = start_seq;
         for r in &mut self.ctl.replicas {
             r.caught_up_since_ms = None;
@@ -845,12 +851,25 @@ impl<'a, 'o> ShardRound<'a, 'o> {
                 }
             }
             // Never took the promotion (request lost, or restarted before it arrived):
-            // it holds no lease at this epoch, so offering it again is safe.
+            // it holds no lease at this epoch, so offering it again is safe. One that
+            // answers but keeps failing to take it (its disk is full, say) is offered it for
+            // a lease and a grace; then, if another in-sync replica could lead, no more,
+            // and once no request it could still take is that young, the other replaces it.
             Seen::Up(s) if s.epoch < epoch => {
+                let wait = self.spec.failover_after_ms();
+                let given_up = self.now.saturating_sub(self.ctl.installed_ms) > wait
+                    && self.candidate(li, true).is_some();
+                if given_up && self.now.saturating_sub(self.ctl.lease_granted_ms) > wait {
+                    return self.replace(li, true);
+                }
                 self.set_unavailable(Some(Unavailable::AwaitingLeader));
-                Lead::Serving {
-                    idx: li,
-                    settled: false,
+                if given_up {
+                    Lead::Lost { idx: li }
+                } else {
+                    Lead::Serving {
+                        idx: li,
+                        settled: false,
+                    }
                 }
             }
             // Restarted (nodes come up Unassigned and keep no lease) or known dead: it
@@ -935,13 +954,23 @@ impl<'a, 'o> ShardRound<'a, 'o> {
     }
 
     fn fail_over(&mut self, li: usize) -> Lead {
+        self.replace(li, false)
+    }
+
+    /// The best in-sync replica to lead in place of `li`: none that leads otherwise, and
+    /// not `li` itself when it is the one that failed to take the role (`not_again`).
+    fn candidate(&self, li: usize, not_again: bool) -> Option<usize> {
+        self.best(|i, s| {
+            let member = self.ctl.in_sync.contains(&self.shard.replicas[i].id);
+            let other_leader = s.role == Role::Leader && i != li;
+            member && !other_leader && !(not_again && i == li)
+        })
+    }
+
+    /// Promotes [`Self::candidate`] in place of `li`.
+    fn replace(&mut self, li: usize, not_again: bool) -> Lead {
         let old = self.id(li).to_owned();
-        let in_sync: BTreeSet<String> = self.ctl.in_sync.iter().cloned().collect();
-        let candidate = self.best(|i, s| {
-            let id = &self.shard.replicas[i].id;
-            in_sync.contains(id) && !(s.role == Role::Leader && i != li)
-        });
-        let Some(idx) = candidate else {
+        let Some(idx) = self.candidate(li, not_again) else {
             self.set_unavailable(Some(Unavailable::NoInSyncReplica));
             return Lead::Lost { idx: li };
         };
@@ -2092,6 +2121,52 @@ mod tests {
         let taken = [dead("s0-r0"), healthy("s0-r1", 4, 20, &["s0-r1"]).obs()];
         let d = decide(&spec, &d.state, &taken, T0 + 5_200);
         assert!(d.events.contains(&Event::ShardAvailable { shard: 0 }));
+    }
+
+    #[test]
+    fn a_promoted_replica_that_never_takes_the_role_is_replaced_once_no_lease_can_run() {
+        let spec = spec(3, 1);
+        let all = ["s0-r0", "s0-r1", "s0-r2"];
+        let followers = |epoch| {
+            [
+                node("s0-r1").follower(epoch).at(3, 100).obs(),
+                node("s0-r2").follower(3).at(3, 100).obs(),
+            ]
+        };
+        let [r1, r2] = followers(3);
+        let mut d = decide(
+            &spec,
+            &running(&spec, "s0-r0", 3, &all),
+            &[dead("s0-r0"), r1, r2],
+            T0,
+        );
+        assert_eq!(leader(&d), (Some("s0-r1"), 4));
+        // r1 answers every round but never takes epoch 4 (it cannot write it, say).
+        let (mut last_offer, mut replaced) = (T0, None);
+        for now in (T0 + 100..T0 + 10_000).step_by(100) {
+            let [r1, r2] = followers(3);
+            d = decide(&spec, &d.state, &[dead("s0-r0"), r1, r2], now);
+            if leader_requests(&d).contains(&("s0-r1", 4)) {
+                last_offer = now;
+            }
+            if leader(&d).1 > 4 {
+                replaced = Some(now);
+                break;
+            }
+        }
+        let replaced = replaced.expect("another replica takes over");
+        assert_eq!(leader(&d), (Some("s0-r2"), 5));
+        // It was offered the role for a lease and a grace, and replaced only once no offer
+        // it could still take was younger than that.
+        assert!(
+            last_offer >= T0 + LEASE + GRACE,
+            "offers stopped at {last_offer}"
+        );
+        assert!(
+            replaced > last_offer + LEASE + GRACE,
+            "replaced at {replaced}"
+        );
+        assert!(!in_sync(&d).contains(&"s0-r1"));
     }
 
     #[test]
