@@ -1035,7 +1035,16 @@ impl<'a, 'o> ShardRound<'a, 'o> {
                 continue;
             }
             pending.retain(|p| *p != id);
-            if in_sync.contains(&id) && in_sync.len() > min {
+            // Kept at the floor, a dead member makes sync writes wait (and end as 503).
+            // Async writes wait for nobody: kept, it would let a lone leader go on taking
+            // them, hold back its log's trimming for as long as it is gone, and still count
+            // as promotable while holding none of them. Dropped, the set is below
+            // `min_in_sync` and the leader refuses writes until it is back.
+            let floor = match self.spec.mode {
+                AckMode::Sync => min,
+                AckMode::Async => 1,
+            };
+            if in_sync.contains(&id) && in_sync.len() > floor {
                 in_sync.retain(|m| *m != id);
             }
         }
@@ -1859,6 +1868,25 @@ mod tests {
                 st = d.state;
             }
         }
+    }
+
+    #[test]
+    fn async_mode_drops_a_dead_member_even_below_min_in_sync() {
+        // Async writes wait for no follower: a dead one kept in the set at the floor would
+        // let the leader take writes alone and hold its log untrimmed for as long as the
+        // follower is gone. Dropped, the set is below the minimum and writes stop.
+        let spec = ClusterSpec {
+            mode: AckMode::Async,
+            ..spec(2, 2)
+        };
+        let both = ["s0-r0", "s0-r1"];
+        let st = running(&spec, "s0-r0", 3, &both);
+        let obs = [healthy("s0-r0", 3, 10, &both).obs(), dead("s0-r1")];
+        let d = decide(&spec, &st, &obs, T0 + 200);
+        assert_eq!(in_sync(&d), vec!["s0-r0"]);
+        let lead = role(&d, "s0-r0");
+        assert_eq!(lead.in_sync, ids(&["s0-r0"]));
+        assert!(lead.in_sync.len() < lead.min_in_sync as usize);
     }
 
     #[test]
