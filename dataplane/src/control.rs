@@ -1288,6 +1288,16 @@ mod tests {
         }
     }
 
+    /// A shard settled at epoch 3: `ids[0]` leads, every other one follows, all at seq 100.
+    fn settled(ids: &[&str]) -> Vec<Observation> {
+        let followers = ids[1..]
+            .iter()
+            .map(|id| node(id).follower(3).at(3, 100).obs());
+        std::iter::once(healthy(ids[0], 3, 100, ids).obs())
+            .chain(followers)
+            .collect()
+    }
+
     /// Leader report with every listed follower fully caught up and the set confirmed.
     fn healthy(id: &str, epoch: u64, seq: u64, in_sync: &[&str]) -> Node {
         let mut n = node(id).leader(epoch).at(epoch, seq).in_sync(in_sync);
@@ -2201,10 +2211,7 @@ mod tests {
     fn each_round_numbers_its_role_requests_above_any_a_replica_took() {
         let spec = spec(2, 1);
         let both = ["s0-r0", "s0-r1"];
-        let seen = [
-            healthy("s0-r0", 3, 100, &both).obs(),
-            node("s0-r1").follower(3).at(3, 100).obs(),
-        ];
+        let seen = settled(&both);
         let first = decide(&spec, &running(&spec, "s0-r0", 3, &both), &seen, T0 + 100);
         let next = decide(&spec, &first.state, &seen, T0 + 200);
         let round = |d: &Decision, id: &str| role(d, id).round;
@@ -2224,12 +2231,12 @@ mod tests {
     fn a_leader_back_with_empty_storage_is_not_offered_its_leadership_again() {
         let spec = spec(3, 1);
         let all = ["s0-r0", "s0-r1", "s0-r2"];
-        let settled = [
-            healthy("s0-r0", 3, 100, &all).obs(),
-            node("s0-r1").follower(3).at(3, 100).obs(),
-            node("s0-r2").follower(3).at(3, 100).obs(),
-        ];
-        let d = decide(&spec, &running(&spec, "s0-r0", 3, &all), &settled, T0 + 100);
+        let d = decide(
+            &spec,
+            &running(&spec, "s0-r0", 3, &all),
+            &settled(&all),
+            T0 + 100,
+        );
         assert_eq!(leader_requests(&d), vec![("s0-r0", 3)]);
         // r0's volume was replaced (PVC deleted, disk lost) and its Pod came back before
         // the lease ran out: it answers as a fresh node at epoch 0, with nothing stored.
@@ -2251,14 +2258,10 @@ mod tests {
     fn an_in_sync_replica_back_with_empty_storage_is_never_promoted() {
         let spec = spec(2, 1);
         let both = ["s0-r0", "s0-r1"];
-        let settled = [
-            healthy("s0-r0", 3, 100, &both).obs(),
-            node("s0-r1").follower(3).at(3, 100).obs(),
-        ];
         let d = decide(
             &spec,
             &running(&spec, "s0-r0", 3, &both),
-            &settled,
+            &settled(&both),
             T0 + 100,
         );
         assert_eq!(in_sync(&d), both.to_vec());
