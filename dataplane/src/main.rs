@@ -99,7 +99,7 @@ struct NodeArgs {
     #[arg(long)]
     data_dir: PathBuf,
     /// Log entries kept for followers that come back; further behind means a snapshot.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = dataplane::node::DEFAULT_LOG_RETAIN)]
     log_retain: u64,
     /// How long a sync write waits for the in-sync replicas before answering 503.
     #[arg(long, default_value_t = 5000)]

@@ -50,6 +50,9 @@ pub struct NodeConfig {
     pub idle_timeout: Duration,
 }
 
+/// Default for `--log-retain`: log entries kept for followers that come back.
+pub const DEFAULT_LOG_RETAIN: u64 = 10_000;
+
 impl NodeConfig {
     /// Defaults for a node with this id and data directory.
     pub fn new(id: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
@@ -58,7 +61,7 @@ impl NodeConfig {
             data_dir: data_dir.into(),
             limits: Limits::default(),
             stream: StreamConfig::default(),
-            log_retain: 10_000,
+            log_retain: DEFAULT_LOG_RETAIN,
             replication_timeout: Duration::from_secs(5),
             idle_timeout: crate::idle::DEFAULT_IDLE,
         }

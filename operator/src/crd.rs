@@ -191,6 +191,13 @@ pub struct ReplicationSpec {
     #[serde(default = "default_failover_grace_ms")]
     #[schemars(range(min = 0, max = 60000))]
     pub failover_grace_ms: u64,
+    /// Newest log entries a leader keeps for followers that come back. A restarted
+    /// follower that missed more is rebuilt from a full snapshot of its shard instead, so
+    /// raise it until a pod restart's worth of writes fits (each entry holds its value and
+    /// the one it replaced).
+    #[serde(default = "default_log_retain")]
+    #[schemars(range(min = 0, max = 1_000_000_000))]
+    pub log_retain: u64,
 }
 
 fn default_min_in_sync() -> u32 {
@@ -202,6 +209,9 @@ fn default_lease_ms() -> u64 {
 fn default_failover_grace_ms() -> u64 {
     1000
 }
+fn default_log_retain() -> u64 {
+    dataplane::node::DEFAULT_LOG_RETAIN
+}
 
 impl Default for ReplicationSpec {
     fn default() -> Self {
@@ -210,6 +220,7 @@ impl Default for ReplicationSpec {
             min_in_sync: default_min_in_sync(),
             lease_ms: default_lease_ms(),
             failover_grace_ms: default_failover_grace_ms(),
+            log_retain: default_log_retain(),
         }
     }
 }

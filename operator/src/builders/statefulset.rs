@@ -46,6 +46,14 @@ pub fn shard_statefulset(cluster: &ClusterRef<'_>, shard: u32, replicas: i32) ->
         DATA_DIR.to_string(),
     ];
     args.extend(super::limit_args(spec));
+    // Only when set: an argument added to every pod template would restart every replica
+    // of every cluster when the operator is upgraded.
+    if spec.replication.log_retain != dataplane::node::DEFAULT_LOG_RETAIN {
+        args.extend([
+            "--log-retain".to_string(),
+            spec.replication.log_retain.to_string(),
+        ]);
+    }
 
     let container = Container {
         name: "node".into(),
@@ -237,6 +245,22 @@ mod tests {
             .map(|e| e.name.as_str())
             .collect();
         assert!(env.contains(&"POD_NAME"));
+    }
+
+    #[test]
+    fn passes_a_log_retention_other_than_the_nodes_default() {
+        let args = |yaml: &str| {
+            let sts = build(yaml, 0, 1);
+            pod_spec(&sts).containers[0].args.clone().unwrap().join(" ")
+        };
+        let base = "  shards: 1\n  replicasPerShard: 1\n";
+        assert!(!args(base).contains("--log-retain"));
+        let set = format!("{base}  replication: {{logRetain: 500000}}\n");
+        assert!(
+            args(&set).ends_with("--log-retain 500000"),
+            "{}",
+            args(&set)
+        );
     }
 
     #[test]
