@@ -311,11 +311,21 @@ fn lock_dir(dir: &Path) -> Result<DirLock, PlaygroundError> {
     Ok(DirLock(f))
 }
 
-/// Writes `bytes` to `path` atomically (write to a temporary file, then rename).
+/// Writes `bytes` to `path` atomically and durably: a temporary file, synced, renamed
+/// over `path`, then the directory synced. A crash or power cut leaves the old file or
+/// the new one; the control state must never go back to an in-sync set or an epoch that
+/// replicas were already told had changed.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// The router the supervisor keeps running, always on the same public address.
