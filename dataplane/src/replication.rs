@@ -319,10 +319,11 @@ pub struct Leadership {
     /// committed without it, so it only counts as in sync once it holds them all.
     join_floor: Mutex<HashMap<String, u64>>,
     progress: Mutex<HashMap<String, Progress>>,
-    /// For each follower being rebuilt by snapshot: the lowest seq it will ask for next.
-    /// Writes go on while a snapshot is copied; were the log trimmed past its position,
-    /// the follower would need another snapshot, and under steady writes, one after
-    /// another for ever.
+    /// For each follower being rebuilt by snapshot: the log end when the snapshot began,
+    /// at or below its position. The log is kept after that, or after what the follower
+    /// acknowledged since, if more. Writes go on while a snapshot is copied; were the log
+    /// trimmed past its position, the follower would need another snapshot, and under
+    /// steady writes, one after another for ever.
     pins: Mutex<HashMap<String, u64>>,
     commit: watch::Sender<u64>,
     store: Store,
@@ -482,21 +483,18 @@ impl Leadership {
     /// Highest seq the log may be trimmed to: what every in-sync member holds, what is
     /// committed, and what followers being rebuilt by snapshot still need.
     pub fn trim_floor(&self) -> u64 {
-        let pinned = self.pins.lock().unwrap().values().min().copied();
         let floor = self.min_in_sync_ack().min(self.commit());
-        pinned.map_or(floor, |p| floor.min(p))
+        let pins = self.pins.lock().unwrap();
+        let progress = self.progress.lock().unwrap();
+        pins.iter()
+            .map(|(id, &at)| progress.get(id).map_or(at, |p| p.acked.max(at)))
+            .fold(floor, u64::min)
     }
 
-    /// Keeps the log after `seq` for `follower`, which a snapshot is rebuilding.
+    /// Keeps the log after `seq`, and then after what `follower` acknowledges, for
+    /// `follower`, which a snapshot is rebuilding.
     fn pin(&self, follower: &str, seq: u64) {
         self.pins.lock().unwrap().insert(follower.to_string(), seq);
-    }
-
-    /// Moves `follower`'s pin, if it has one, up to `seq`: what it holds may go.
-    fn advance_pin(&self, follower: &str, seq: u64) {
-        if let Some(p) = self.pins.lock().unwrap().get_mut(follower) {
-            *p = (*p).max(seq);
-        }
     }
 
     /// Lets the log be trimmed past `follower` again.
@@ -627,7 +625,6 @@ pub async fn stream_to_follower(
                 match send_snapshot(&leadership, &peer, &http, &cfg).await {
                     Ok(at) => {
                         leadership.record_ack(&peer.id, at.seq);
-                        leadership.advance_pin(&peer.id, at.seq);
                         next = at.seq + 1;
                         diverged = false;
                         backoff = Backoff::default();
@@ -650,7 +647,6 @@ pub async fn stream_to_follower(
         match result {
             Ok(Sent::Matched { through }) => {
                 leadership.record_ack(&peer.id, through);
-                leadership.advance_pin(&peer.id, through);
                 next = through + 1;
                 backoff = Backoff::default();
                 if store.staged().last.seq <= through {
@@ -1163,6 +1159,14 @@ mod tests {
         );
     }
 
+    /// Follower and leader logs (the epoch of each entry) that share a prefix and then
+    /// differ, for the simulations below.
+    const DIVERGING: &[(&[u64], &[u64])] = &[
+        (&[1, 2, 2, 4, 4, 4, 4], &[1, 2, 3, 3, 5]),
+        (&[1, 1, 1, 1, 1, 1], &[1, 1]),
+        (&[2, 2, 2], &[1, 3, 3, 3]),
+    ];
+
     /// Plays the leader and follower rules against each other, batches of at most three
     /// entries, for followers trimmed at every point of their log: a follower keeps its
     /// trimmed prefix only when it equals the leader's, and otherwise gets a snapshot.
@@ -1179,11 +1183,8 @@ mod tests {
             (&[1; 10], &[1; 12]),
             (&[1, 1, 1, 2, 2, 2], &[1, 1, 1, 3, 3]),
             (&[1, 1, 2, 2], &[1, 1, 2, 2, 3, 3]),
-            (&[1, 2, 2, 4, 4, 4, 4], &[1, 2, 3, 3, 5]),
-            (&[1, 1, 1, 1, 1, 1], &[1, 1]),
-            (&[2, 2, 2], &[1, 3, 3, 3]),
         ];
-        for (follower, leader) in shapes {
+        for (follower, leader) in shapes.iter().chain(DIVERGING) {
             let leader_log = log((0, 0), leader);
             let epoch = leader.iter().chain(follower.iter()).max().unwrap() + 1;
             for trim in 0..=follower.len() {
@@ -1399,11 +1400,8 @@ mod tests {
             (&[], &[1, 1, 1]),
             (&[1, 1, 1], &[1, 1, 1, 1, 1]),
             (&[1, 1, 2, 2, 2], &[1, 1, 3, 3]),
-            (&[1, 2, 2, 4, 4, 4, 4], &[1, 2, 3, 3, 5]),
-            (&[1, 1, 1, 1, 1, 1], &[1, 1]),
-            (&[2, 2, 2], &[1, 3, 3, 3]),
         ];
-        for (follower, leader) in shapes {
+        for (follower, leader) in shapes.iter().chain(DIVERGING) {
             let leader_log = log((0, 0), leader);
             // Any leader change raises the epoch above every entry either log holds.
             let epoch = leader.iter().chain(follower.iter()).max().unwrap() + 1;

@@ -511,12 +511,11 @@ async fn bad_input_is_refused_and_changes_nothing() {
         "PUT /v1/kv/k HTTP/1.1\r\nhost: x\r\ncontent-length: 104857600\r\n\r\n",
     )
     .await;
-    assert!(huge.starts_with("HTTP/1.1 413"), "{huge}");
+    assert_first_answer(&huge, 413, "value_too_large");
     assert!(
         huge.to_ascii_lowercase().contains("connection: close"),
         "{huge}"
     );
-    assert!(huge.contains("value_too_large"), "{huge}");
     // A client that waits for 100 Continue is refused at once, not asked for the body.
     let expecting = raw_exchange(
         &r,
@@ -535,8 +534,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         ),
     )
     .await;
-    assert!(both.starts_with("HTTP/1.1 400"), "{both}");
-    assert!(both.contains("empty_key"), "{both}");
+    assert_first_answer(&both, 400, "empty_key");
     assert!(both.contains("HTTP/1.1 200"), "{both}");
     // A broken chunked encoding is bad input, not a body too large; nothing is stored.
     let broken = raw_exchange(
@@ -544,8 +542,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         "PUT /v1/kv/chunky HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nvalue\r\n0\r\n\r\n",
     )
     .await;
-    assert!(broken.starts_with("HTTP/1.1 400"), "{broken}");
-    assert!(broken.contains("invalid_body"), "{broken}");
+    assert_first_answer(&broken, 400, "invalid_body");
     assert_eq!(http.get(&r, "/v1/kv/chunky").await.status, 404);
     // A transfer coding the HTTP layer does not undo is refused, not stored encoded.
     let gzip = raw_exchange(
@@ -553,8 +550,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         "PUT /v1/kv/k HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nGZZ\r\n0\r\n\r\n",
     )
     .await;
-    assert!(gzip.starts_with("HTTP/1.1 501"), "{gzip}");
-    assert!(gzip.contains("unsupported_transfer_encoding"), "{gzip}");
+    assert_first_answer(&gzip, 501, "unsupported_transfer_encoding");
     // HEAD must change nothing, and a GET of the demo's /delete deletes.
     for target in [&r, &node] {
         let head = http
@@ -744,6 +740,15 @@ async fn playground_refuses_bad_starts_clearly() {
         "{err}"
     );
     drop(tmp2);
+}
+
+/// Asserts that the first answer of a raw exchange has `status` and names `code`.
+fn assert_first_answer(exchange: &str, status: u16, code: &str) {
+    assert!(
+        exchange.starts_with(&format!("HTTP/1.1 {status}")),
+        "{exchange}"
+    );
+    assert!(exchange.contains(code), "{exchange}");
 }
 
 /// Sends `request` as raw bytes and reads the answer until the server closes.

@@ -53,6 +53,13 @@ async fn trimmed_past(shard: &Shard, seq: u64) -> u64 {
     .await
 }
 
+/// Asserts `r` is a 400 with error code `code`; `what` names the request in a failure.
+fn assert_bad_request(r: &dataplane::client::Response, code: &str, what: &str) {
+    let body = String::from_utf8_lossy(&r.body);
+    assert_eq!(r.status, 400, "{what}: {body}");
+    assert_eq!(error_code(r), code, "{what}");
+}
+
 /// A batch whose entries do not follow `prev` one by one, or claim a later epoch than their
 /// sender's, is refused whole with 400 `invalid_batch`. The follower keeps its log and its
 /// epoch, though the batch names a higher one: a malformed request changes nothing.
@@ -94,13 +101,7 @@ async fn a_malformed_batch_is_refused_and_changes_nothing() {
                 body,
             )
             .await;
-        assert_eq!(
-            r.status,
-            400,
-            "{what}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        assert_eq!(error_code(&r), "invalid_batch", "{what}");
+        assert_bad_request(&r, "invalid_batch", what);
     }
     let after = shard.verified(1).await;
     assert_eq!(
@@ -140,13 +141,7 @@ async fn a_body_that_is_no_snapshot_is_refused_and_changes_nothing() {
                 .req(Method::POST, follower, &path, &[], body.clone())
                 .await;
             let what = format!("{what} body at epoch {epoch}");
-            assert_eq!(
-                r.status,
-                400,
-                "{what}: {}",
-                String::from_utf8_lossy(&r.body)
-            );
-            assert_eq!(error_code(&r), "invalid_snapshot", "{what}");
+            assert_bad_request(&r, "invalid_snapshot", &what);
             let after = shard.verified(1).await;
             assert_eq!(
                 (after.epoch, after.role, after.last_epoch, after.last_seq),
