@@ -261,7 +261,9 @@ async fn client(
         };
         let op = perform(&http, &router, t0, id, k, request).await;
         match &op.outcome {
-            Outcome::Read(v, _) | Outcome::Written(v) => seen[k] = Some(*v),
+            Outcome::Read(v, Some(_)) | Outcome::Written(v) => seen[k] = Some(*v),
+            // An absent key has no version to name: `If-Match` would be refused whatever.
+            Outcome::Read(_, None) => seen[k] = None,
             // As a real client would, rather than spin while the shard has no leader.
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
@@ -481,7 +483,7 @@ fn violations(ops: &[Op]) -> Vec<String> {
             continue;
         };
         let later = ops.iter().find(|r| {
-            matches!(r.outcome, Outcome::Read(v, _) if v == *p) && r.invoke > op.complete
+            matches!(r.outcome, Outcome::Read(v, Some(_)) if v == *p) && r.invoke > op.complete
         });
         if let Some(r) = later {
             found.push(format!("{SPURIOUS_412}:\n  {op}\n  {r}"));
@@ -657,12 +659,22 @@ fn checker_flags_what_no_register_allows() {
     let w1 = op(put("a", None), (0, 1), Outcome::Written(v1));
     let w2 = op(put("b", None), (2, 3), Outcome::Written(v2));
     let late = op(put("c", None), (4, 5), Outcome::Unknown("timeout".into()));
-    let fine = vec![
+    let absent = Outcome::Read(Version::default(), None);
+    // An absent key has no version: `If-Match` on it is refused, and is no violation.
+    let named_absent = vec![
+        op(Request::Get, (0, 1), absent.clone()),
         op(
-            Request::Get,
-            (0, 1),
-            Outcome::Read(Version::default(), None),
+            put("z", Some(Version::default())),
+            (2, 3),
+            Outcome::Refused {
+                precondition_failed: true,
+            },
         ),
+        op(Request::Get, (4, 5), absent.clone()),
+    ];
+    assert_eq!(violations(&named_absent), Vec::<String>::new());
+    let fine = vec![
+        op(Request::Get, (0, 1), absent),
         w1.clone(),
         op(Request::Get, (1, 2), read(v1, "a")),
         op(put("d", Some(v1)), (2, 6), Outcome::Written(v2)),

@@ -190,7 +190,7 @@ impl Playground {
             .arg("--data-dir")
             .arg(dir)
             .args(extra)
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", test_log())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -277,7 +277,7 @@ impl NodeProc {
             .args(["node", "--id", id, "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
             .args(extra)
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", test_log())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -536,4 +536,10 @@ impl History {
         }
         lost
     }
+}
+
+/// The log filter for the processes a test starts: `DISTKV_TEST_LOG` when set, so a
+/// failing run can be repeated with the nodes' logs, else errors only.
+fn test_log() -> String {
+    std::env::var("DISTKV_TEST_LOG").unwrap_or_else(|_| "error".into())
 }
