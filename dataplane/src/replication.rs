@@ -789,7 +789,7 @@ async fn replicate_once(
         body: &body,
     };
     let resp = links
-        .send(&peer.address, request, Duration::from_secs(5))
+        .send(&peer.address, request, round_limit(body.len()))
         .await?;
     check_answer(&resp, leadership.epoch)?;
     let outcome: ReplicateResponse =
@@ -807,6 +807,20 @@ async fn replicate_once(
         },
         AppendOutcome::Diverged { base } => Sent::Diverged { base },
     })
+}
+
+/// What one replication round may take beyond sending its request: the follower stores
+/// and syncs the batch, and answers.
+const ROUND_BASE: Duration = Duration::from_secs(5);
+
+/// The slowest link a replication round is given time for. A round's limit grows with
+/// its size: under a fixed limit, a batch (or a single large value) that a slow link
+/// cannot carry in time is sent again and again, and never arrives.
+const ROUND_MIN_BYTES_PER_SEC: f64 = (1 << 20) as f64;
+
+/// How long a replication round of `bytes` may take.
+fn round_limit(bytes: usize) -> Duration {
+    ROUND_BASE + Duration::from_secs_f64(bytes as f64 / ROUND_MIN_BYTES_PER_SEC)
 }
 
 /// How long a snapshot's end waits for its position to be committed.

@@ -340,6 +340,75 @@ async fn a_follower_catches_up_on_large_values() {
     assert_eq!((f.keys, f.snapshots_installed), (6, 0));
 }
 
+/// A TCP proxy to `to` that carries what it is sent at about `bytes_per_sec` (answers at
+/// full speed): a slow link between a leader and a follower. Returns its address.
+async fn slow_link(to: String, bytes_per_sec: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(&to).await else {
+                continue;
+            };
+            let (mut from_client, mut to_client) = inbound.into_split();
+            let (mut from_server, mut to_server) = outbound.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut from_server, &mut to_client).await });
+            tokio::spawn(async move {
+                // At most a twentieth of the rate, twenty times a second.
+                let mut buf = vec![0u8; bytes_per_sec / 20];
+                while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                    if to_server.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A value that takes longer than a round's base limit (5 s) to cross the link to the
+/// follower still arrives: the round is given time for its size. Under a fixed limit it
+/// was cut off and sent again for ever, and no write after it could commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_value_reaches_a_follower_over_a_slow_link() {
+    let limits = ["--max-value-bytes", "8388608"];
+    let shard = Shard::start(
+        2,
+        AckMode::Sync,
+        &[&limits[..], &["--replication-timeout-ms", "20000"]].concat(),
+    );
+    let mut lead = shard.lead_request(1, &[0, 1]);
+    // 6 MiB at 1 MiB/s: 6 s on the wire.
+    lead.peers[1].address = slow_link(shard.nodes[1].addr.clone(), 1 << 20).await;
+    shard
+        .admin
+        .set_role(&shard.nodes[0].addr, &lead)
+        .await
+        .unwrap();
+    shard.follow(1, 0, 1).await;
+    let http = Http::default();
+    let leader = shard.nodes[0].addr.clone();
+    let started = Instant::now();
+    let r = http.put(&leader, "big", vec![b'b'; 6 << 20]).await;
+    assert!(
+        r.status.is_success(),
+        "{}: {}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "the link was not slow"
+    );
+    let r = http.put(&leader, "after", "small").await;
+    assert!(r.status.is_success(), "{}", r.status);
+    let f = shard.converged(0, 1, Duration::from_secs(30)).await;
+    assert_eq!(f.keys, 2);
+}
+
 /// Leader 0 holds 2,100 committed keys and `pending-*` writes it cannot commit (A, node 1,
 /// is down), with its log trimmed past where B (node 2) stopped; B is back and following,
 /// so the leader starts sending it a snapshot that includes the pending writes. Returns
