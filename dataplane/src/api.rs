@@ -4,9 +4,10 @@
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+use crate::budget::{BodyBudget, Held, UNCOUNTED};
 use crate::storage::{Condition, Position};
 
 /// The highest key limit a node or router takes: a key travels in the URL, which the
@@ -41,6 +42,11 @@ impl Limits {
     /// room for the rest.
     pub fn max_json_bytes(&self) -> usize {
         6 * (self.max_value_bytes + self.max_key_bytes) + 1024
+    }
+
+    /// The room for request bodies a process with these limits holds at once.
+    pub fn body_budget(&self) -> BodyBudget {
+        BodyBudget::for_limits(self.max_value_bytes, self.max_json_bytes())
     }
 }
 
@@ -343,12 +349,15 @@ const DRAIN_LIMIT: u64 = 8 << 20;
 /// Reads a request body of at most `limit` bytes, answering 413 beyond. A declared
 /// oversized body is drained when it is at most [`DRAIN_LIMIT`] and the connection stays
 /// open; a larger or undeclared one is left unread and the answer closes the connection.
+/// The body holds room in `budget` until the returned [`Held`] is dropped; 503
+/// `server_busy` if none comes free in time.
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
     what: &str,
-) -> Result<Bytes, ApiError> {
+    budget: &BodyBudget,
+) -> Result<(Bytes, Held), ApiError> {
     let too_large = |len: Option<u64>, close: bool| {
         let size = match len {
             Some(l) => format!("{l} bytes"),
@@ -391,20 +400,60 @@ pub async fn read_body(
         let drained = !waits && len <= DRAIN_LIMIT && drain(body).await;
         return Err(too_large(Some(len), !drained));
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let e = e.into_inner();
-        if e.is::<http_body_util::LengthLimitError>() {
-            too_large(declared, true)
-        } else {
-            // A broken chunked encoding, or a client that went away mid-body.
-            let mut e = ApiError::bad_request(
-                "invalid_body",
-                format!("the request body could not be read: {e}"),
-            );
-            e.close_connection = true;
-            e
+    let invalid = |e: axum::Error| {
+        // A broken chunked encoding, or a client that went away mid-body.
+        let mut e = ApiError::bad_request(
+            "invalid_body",
+            format!("the request body could not be read: {e}"),
+        );
+        e.close_connection = true;
+        e
+    };
+    let full = |e: crate::budget::Full| {
+        let mut e = ApiError::unavailable("server_busy", e.to_string());
+        e.close_connection = true;
+        e
+    };
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut held = Held::default();
+    // One frame is the whole body in most requests: it is kept as it came, not copied.
+    let mut first = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
+    let (mut len, mut taken) = (0, 0);
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(invalid)?.into_data() else {
+            continue; // trailers
+        };
+        len += data.len();
+        if len > limit {
+            return Err(too_large(declared, true));
         }
-    })
+        let need = len.saturating_sub(UNCOUNTED);
+        if need > taken {
+            // A declared body takes room for all of it at once: bodies that each held
+            // part of theirs could wait for each other until all were refused.
+            let want = match declared {
+                Some(d) if taken == 0 => (d as usize).saturating_sub(UNCOUNTED).max(need),
+                _ => need,
+            };
+            budget.take(want - taken, &mut held).await.map_err(full)?;
+            taken = want;
+        }
+        match &mut joined {
+            Some(all) => all.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut all = BytesMut::with_capacity(first.len() + data.len());
+                all.extend_from_slice(&first);
+                all.extend_from_slice(&data);
+                first = Bytes::new();
+                joined = Some(all);
+            }
+        }
+    }
+    let bytes = joined.map_or(first, BytesMut::freeze);
+    Ok((bytes, held))
 }
 
 /// A transfer coding other than `chunked`, if the request declares one.

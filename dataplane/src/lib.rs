@@ -2,6 +2,7 @@
 //! Nothing here knows about Kubernetes.
 
 pub mod api;
+pub mod budget;
 pub mod client;
 pub mod control;
 pub mod idle;

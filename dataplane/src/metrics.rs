@@ -11,6 +11,10 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+
+use crate::budget::BodyBudget;
 use crate::storage::CommitObserver;
 
 /// Every metric a process exports.
@@ -151,6 +155,16 @@ impl Metrics {
         Arc::new(m)
     }
 
+    /// Exports `distkv_request_body_bytes_held`, read from `budget` at each scrape.
+    pub fn watch_bodies(&self, budget: BodyBudget) {
+        let gauge = IntGauge::new(
+            "distkv_request_body_bytes_held",
+            "Bytes of request bodies held in memory now (counted against the body budget)",
+        )
+        .unwrap();
+        self.register(Box::new(BodiesHeld { budget, gauge }));
+    }
+
     /// Registers an extra collector (e.g. the playground's failover counters).
     pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
         self.registry.register(c).unwrap();
@@ -163,6 +177,23 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .unwrap();
         String::from_utf8(buf).unwrap()
+    }
+}
+
+/// The bytes a [`BodyBudget`] holds, as a gauge read when scraped.
+struct BodiesHeld {
+    budget: BodyBudget,
+    gauge: IntGauge,
+}
+
+impl Collector for BodiesHeld {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.gauge.set(self.budget.held() as i64);
+        self.gauge.collect()
     }
 }
 

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiError, Limits, PutResult};
+use crate::budget::BodyBudget;
 use crate::client::HttpClient;
 use crate::metrics::{self, Metrics};
 use crate::replication::{
@@ -121,6 +122,8 @@ pub struct Node {
     /// Connections to the followers this replica streams to while it leads.
     links: Arc<crate::link::Links>,
     metrics: Arc<Metrics>,
+    /// Room for the request bodies this replica holds at once.
+    bodies: BodyBudget,
     assignment: RwLock<Assignment>,
     follower_commit: AtomicU64,
     snapshots_installed: AtomicU64,
@@ -140,12 +143,15 @@ impl Node {
         let store = Store::open(&cfg.data_dir, metrics.clone())?;
         let epoch = store.state().epoch;
         tracing::info!(id = %cfg.id, epoch, last = ?store.state().last, "replica opened");
+        let bodies = cfg.limits.body_budget();
+        metrics.watch_bodies(bodies.clone());
         let node = Arc::new(Node {
             cfg,
             store,
             http: HttpClient::new(),
             links: Arc::default(),
             metrics,
+            bodies,
             assignment: RwLock::new(Assignment {
                 role: Role::Unassigned,
                 epoch,
@@ -624,7 +630,7 @@ pub async fn v1_get(State(node): NodeState, req: Request) -> Result<Response, Ap
               (status = 400, description = "Bad key or precondition", body = api::ErrorBody),
               (status = 412, description = "Precondition failed", body = api::ErrorBody),
               (status = 413, description = "Key or value too large", body = api::ErrorBody),
-              (status = 503, description = "Not enough in-sync replicas, the outcome is unknown, or the state a condition failed on is not yet confirmed", body = api::ErrorBody),
+              (status = 503, description = "Not enough in-sync replicas, the outcome is unknown, the state a condition failed on is not yet confirmed, or request bodies hold all the room for them", body = api::ErrorBody),
               (status = 504, description = "The replica did not answer in time; the outcome is unknown", body = api::ErrorBody)))]
 pub async fn v1_put(
     State(node): NodeState,
@@ -633,7 +639,8 @@ pub async fn v1_put(
     body: Body,
 ) -> Result<Response, ApiError> {
     // The body first: an answer that leaves it unread costs the client its connection.
-    let value = api::read_body(&headers, body, node.cfg.limits.max_value_bytes, "value").await?;
+    let limit = node.cfg.limits.max_value_bytes;
+    let (value, _held) = api::read_body(&headers, body, limit, "value", &node.bodies).await?;
     let key = api::key_from_path(uri.path(), &node.cfg.limits)?;
     let cond = api::condition(&headers)?;
     let out = node.write(key.clone(), Op::Put(value), cond).await?;
@@ -689,11 +696,12 @@ pub async fn v1_delete(
     responses((status = 200, description = "`{\"status\":\"Successful\"}`"),
               (status = 400, description = "Invalid JSON or missing fields"),
               (status = 413, description = "Body, key or value too large"),
-              (status = 503, description = "Not enough in-sync replicas, or the outcome is unknown"),
+              (status = 503, description = "Not enough in-sync replicas, the outcome is unknown, or request bodies hold all the room for them"),
               (status = 504, description = "The replica did not answer in time; the outcome is unknown")))]
 pub async fn demo_put(State(node): NodeState, headers: HeaderMap, body: Body) -> Response {
     let run = async {
-        let body = api::read_body(&headers, body, node.cfg.limits.max_json_bytes(), "body").await?;
+        let limit = node.cfg.limits.max_json_bytes();
+        let (body, _held) = api::read_body(&headers, body, limit, "body", &node.bodies).await?;
         let put = api::parse_demo_put(&body, &node.cfg.limits)?;
         node.write(
             Bytes::from(put.key),

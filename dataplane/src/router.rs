@@ -17,6 +17,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{self, ApiError, Limits};
+use crate::budget::{BodyBudget, Held};
 use crate::client::{self, AdminClient, ClientError};
 use crate::link::{LinkRequest, Links};
 use crate::metrics::{self, Metrics};
@@ -89,6 +90,8 @@ pub struct Router {
     admin: AdminClient,
     metrics: Arc<Metrics>,
     next_replica: AtomicUsize,
+    /// Room for the request bodies the router holds at once.
+    bodies: BodyBudget,
 }
 
 /// How long a follower may take over a stale read before the leader is asked instead.
@@ -118,8 +121,10 @@ impl Router {
             admin: AdminClient::new(Duration::from_millis(500)),
             metrics: Metrics::new(metrics::Exporter::Router),
             next_replica: AtomicUsize::new(0),
+            bodies: cfg.limits.body_budget(),
             cfg,
         });
+        router.metrics.watch_bodies(router.bodies.clone());
         if let Some(path) = &router.cfg.topology_file {
             router.install_file(path, std::fs::read(path));
         }
@@ -390,10 +395,11 @@ async fn forward_v1(State(r): RouterState, req: Request) -> Result<Response, Api
     let (parts, body) = req.into_parts();
     let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     // The body first: an answer that leaves it unread costs the client its connection.
-    let body = if method == Method::PUT {
-        api::read_body(&headers, body, r.cfg.limits.max_value_bytes, "value").await?
+    let (body, _held) = if method == Method::PUT {
+        let limit = r.cfg.limits.max_value_bytes;
+        api::read_body(&headers, body, limit, "value", &r.bodies).await?
     } else {
-        Bytes::new()
+        (Bytes::new(), Held::default())
     };
     let key = api::key_from_path(uri.path(), &r.cfg.limits)?;
     // Refused here as the node would refuse it, without a trip to the leader.
@@ -407,7 +413,8 @@ async fn forward_v1(State(r): RouterState, req: Request) -> Result<Response, Api
 
 async fn forward_demo_put(State(r): RouterState, headers: HeaderMap, body: Body) -> Response {
     let run = async {
-        let body = api::read_body(&headers, body, r.cfg.limits.max_json_bytes(), "body").await?;
+        let limit = r.cfg.limits.max_json_bytes();
+        let (body, _held) = api::read_body(&headers, body, limit, "body", &r.bodies).await?;
         let put = api::parse_demo_put(&body, &r.cfg.limits)?;
         r.forward(
             put.key.as_bytes(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use dataplane::client::AdminClient;
+use dataplane::wire::AckMode;
 use hyper::Method;
 
 /// 1,000 keys with the v1 API and 100 with the demo API, through the router: put, get,
@@ -867,4 +868,63 @@ async fn connections_that_stall_are_closed_and_busy_ones_are_not() {
             assert!(answer.starts_with(b"HTTP/1.1 200"), "{addr}");
         }
     }
+}
+
+/// The request bodies a replica holds at once are bounded: 64 of the largest values, 8 MiB
+/// with 128 KiB values. A body past its first 64 KiB holds room for all it declared;
+/// once 128 half-sent bodies fill the room, a large upload waits and is refused with 503
+/// `server_busy`, a small one is taken at once, and when the half-sent ones go, large
+/// uploads are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_held_at_once_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    let shard = Shard::start(1, AckMode::Sync, &["--max-value-bytes", "131072"]);
+    shard.assign(0, 1, &[0]).await;
+    let addr = shard.nodes[0].addr.clone();
+    let http = Http::default();
+    let held = || async {
+        let metrics = http.get(&addr, "/metrics").await;
+        let text = String::from_utf8_lossy(&metrics.body).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix("distkv_request_body_bytes_held "))
+            .map(|v| v.trim().parse::<u64>().unwrap())
+            .expect("the node exports the bytes held")
+    };
+    let mut holders = Vec::new();
+    for i in 0..128 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head =
+            format!("PUT /v1/kv/held{i} HTTP/1.1\r\nhost: x\r\ncontent-length: 131072\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&[b'h'; 65_537]).await.unwrap();
+        holders.push(stream);
+    }
+    eventually(
+        "the half-sent bodies to fill the room",
+        Duration::from_secs(10),
+        || async { (held().await == 8 << 20).then_some(()) },
+    )
+    .await;
+
+    let r = http.put(&addr, "large", vec![b'l'; 100 << 10]).await;
+    assert_eq!(
+        (r.status.as_u16(), error_code(&r).as_str()),
+        (503, "server_busy")
+    );
+    let r = http.put(&addr, "small", vec![b's'; 1 << 10]).await;
+    assert_eq!(r.status.as_u16(), 201, "a small body waits for no room");
+
+    drop(holders);
+    eventually("the room to come free", Duration::from_secs(10), || async {
+        (held().await == 0).then_some(())
+    })
+    .await;
+    let r = http.put(&addr, "large", vec![b'l'; 100 << 10]).await;
+    assert_eq!(r.status.as_u16(), 201);
+    let r = http.get(&addr, "/v1/kv/held0").await;
+    assert_eq!(
+        r.status.as_u16(),
+        404,
+        "a body never finished stores nothing"
+    );
 }
