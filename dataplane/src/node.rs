@@ -256,11 +256,12 @@ impl Node {
             // A failed precondition (412) or a missing key (404) tells what the key holds;
             // if that is a write the in-sync set has not confirmed, a failover can undo it,
             // and the answer would show a state that never was.
-            Err(e @ (StoreError::PreconditionFailed | StoreError::NotFound)) => {
-                let applied = self.store.staged().last.seq;
+            Err(
+                e @ (StoreError::PreconditionFailed { as_of } | StoreError::NotFound { as_of }),
+            ) => {
                 self.wait_settled(
                     &view.leadership,
-                    applied,
+                    as_of,
                     "the key's latest state is not yet on every in-sync replica, so the \
                      condition cannot be decided on it yet; nothing was written; retry",
                 )
@@ -580,8 +581,8 @@ async fn maintain(node: std::sync::Weak<Node>) {
 
 fn store_error(e: StoreError) -> ApiError {
     match e {
-        StoreError::PreconditionFailed => ApiError::precondition_failed(),
-        StoreError::NotFound => ApiError::key_not_found(),
+        StoreError::PreconditionFailed { .. } => ApiError::precondition_failed(),
+        StoreError::NotFound { .. } => ApiError::key_not_found(),
         StoreError::StaleEpoch { request, current } => ApiError::stale_epoch(request, current),
         StoreError::BadSnapshot(m) => ApiError::bad_request("invalid_snapshot", m),
         e @ StoreError::Installing => ApiError::unavailable("snapshot_installing", e.to_string()),

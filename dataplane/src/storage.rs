@@ -167,10 +167,16 @@ pub struct WriteOutcome {
 pub enum StoreError {
     /// `If-Match` or `If-None-Match` did not hold; nothing was written.
     #[error("precondition failed: the key's current version does not match")]
-    PreconditionFailed,
+    PreconditionFailed {
+        /// The log end the key was checked at: the refusal stands once that is committed.
+        as_of: u64,
+    },
     /// Delete of a key that does not exist; nothing was written.
     #[error("key not found")]
-    NotFound,
+    NotFound {
+        /// The log end the key was found absent at, as for `PreconditionFailed`.
+        as_of: u64,
+    },
     /// The request carried an epoch that is no longer current.
     #[error("epoch {request} is not current (replica is at epoch {current})")]
     StaleEpoch {
@@ -1878,15 +1884,20 @@ impl Tx<'_> {
         }
         let before = self.current(slot, &key);
         let current = before.as_ref().map(|(version, _)| *version);
+        // Taken here, with the check: once the caller looks, a new leader's entries may
+        // have cut this log back, and a refusal decided on entries no longer in it would
+        // seem to wait only for ones committed long ago.
+        let as_of = st.last.seq;
+        let failed = StoreError::PreconditionFailed { as_of };
         match (cond, current) {
             (Condition::IfMatch(want), Some(have)) if want == have => {}
-            (Condition::IfMatch(_), _) => return Err(StoreError::PreconditionFailed),
-            (Condition::IfAbsent, Some(_)) => return Err(StoreError::PreconditionFailed),
-            (Condition::IfExists, None) => return Err(StoreError::PreconditionFailed),
+            (Condition::IfMatch(_), _) => return Err(failed),
+            (Condition::IfAbsent, Some(_)) => return Err(failed),
+            (Condition::IfExists, None) => return Err(failed),
             _ => {}
         }
         if op == Op::Delete && current.is_none() {
-            return Err(StoreError::NotFound);
+            return Err(StoreError::NotFound { as_of });
         }
         let version = Position::new(epoch, st.last.seq + 1);
         let entry = LogEntry {

@@ -280,9 +280,15 @@ fn key_set(n: usize) -> Vec<Bytes> {
 }
 
 /// What a write of [`random_writes`] must come to.
+#[derive(Debug)]
 enum Expect {
-    Ok { created: bool },
-    Err(StoreError),
+    Ok {
+        created: bool,
+    },
+    /// A failed condition.
+    Failed,
+    /// A delete of a missing key.
+    Missing,
 }
 
 /// Runs `rounds` rounds of client writes at `epoch`. Each round writes up to 40 distinct
@@ -322,16 +328,8 @@ async fn random_writes(
                             Condition::IfMatch(version),
                             Expect::Ok { created: false },
                         ),
-                        50..55 => (
-                            Op::Put(value),
-                            Condition::IfMatch(wrong),
-                            Expect::Err(StoreError::PreconditionFailed),
-                        ),
-                        55..60 => (
-                            Op::Put(value),
-                            Condition::IfAbsent,
-                            Expect::Err(StoreError::PreconditionFailed),
-                        ),
+                        50..55 => (Op::Put(value), Condition::IfMatch(wrong), Expect::Failed),
+                        55..60 => (Op::Put(value), Condition::IfAbsent, Expect::Failed),
                         60..65 => (
                             Op::Put(value),
                             Condition::IfExists,
@@ -356,26 +354,14 @@ async fn random_writes(
                         Condition::IfAbsent,
                         Expect::Ok { created: true },
                     ),
-                    65..75 => (
-                        Op::Put(value),
-                        Condition::IfExists,
-                        Expect::Err(StoreError::PreconditionFailed),
-                    ),
+                    65..75 => (Op::Put(value), Condition::IfExists, Expect::Failed),
                     75..80 => (
                         Op::Put(value),
                         Condition::IfMatch(Position::new(epoch, 1)),
-                        Expect::Err(StoreError::PreconditionFailed),
+                        Expect::Failed,
                     ),
-                    80..92 => (
-                        Op::Delete,
-                        Condition::None,
-                        Expect::Err(StoreError::NotFound),
-                    ),
-                    _ => (
-                        Op::Delete,
-                        Condition::IfExists,
-                        Expect::Err(StoreError::PreconditionFailed),
-                    ),
+                    80..92 => (Op::Delete, Condition::None, Expect::Missing),
+                    _ => (Op::Delete, Condition::IfExists, Expect::Failed),
                 },
             };
             ops.push((key, op, cond, expect));
@@ -401,9 +387,14 @@ async fn random_writes(
                     };
                     model.insert(key, now);
                 }
-                (Expect::Err(want), Err(e)) => assert_eq!(e, want, "{what}"),
+                // Decided on the log as of the round's start or later: the refusals of a
+                // round's writes may come between its successes.
+                (Expect::Failed, Err(StoreError::PreconditionFailed { as_of }))
+                | (Expect::Missing, Err(StoreError::NotFound { as_of })) => {
+                    assert!(as_of >= before.seq, "{what}: decided as of {as_of}");
+                }
                 (Expect::Ok { .. }, Err(e)) => panic!("{what}: refused: {e}"),
-                (Expect::Err(want), Ok(out)) => panic!("{what}: wanted {want}, got {out:?}"),
+                (want, got) => panic!("{what}: wanted {want:?}, got {got:?}"),
             }
         }
         // The successful writes took the positions right after the previous end, once each.
@@ -586,7 +577,7 @@ async fn put_get_overwrite_and_delete() {
     // Deleting a missing key is refused and changes nothing.
     for key in [&b"a"[..], b"never"] {
         let r = write(&store, 3, key, Op::Delete, Condition::None).await;
-        assert_eq!(r, Err(StoreError::NotFound));
+        assert_eq!(r, Err(StoreError::NotFound { as_of: 4 }));
         assert_eq!(data_state(&store.state()), data_state(&st));
     }
     assert_eq!(store.read_log(5, 10, 10, ANY_SIZE).unwrap(), vec![]);
@@ -622,7 +613,8 @@ async fn failed_conditions_change_nothing() {
         missing_if(Op::Delete, Condition::IfMatch(v1)).await,
     ];
     for (i, r) in refused.into_iter().enumerate() {
-        assert_eq!(r, Err(StoreError::PreconditionFailed), "case {i}");
+        let as_of = v1.seq;
+        assert_eq!(r, Err(StoreError::PreconditionFailed { as_of }), "case {i}");
     }
     assert_eq!(data_state(&store.state()), data_state(&st));
     assert_eq!(get(&store, b"k"), Some((v1, b("v1"))));
@@ -640,7 +632,7 @@ async fn failed_conditions_change_nothing() {
     // The old version no longer matches.
     assert_eq!(
         put_if(Condition::IfMatch(v1)).await,
-        Err(StoreError::PreconditionFailed)
+        Err(StoreError::PreconditionFailed { as_of: 4 })
     );
     let now = get(&store, b"k").unwrap().0;
     assert_eq!(now, Position::new(1, 3));
@@ -672,7 +664,10 @@ async fn conditional_writes_under_contention_have_one_winner() {
     let winners: Vec<usize> = (0..20).filter(|&t| results[t].is_ok()).collect();
     assert_eq!(winners.len(), 1, "{results:?}");
     for r in results.iter().filter(|r| r.is_err()) {
-        assert_eq!(*r, Err(StoreError::PreconditionFailed));
+        assert!(
+            matches!(r, Err(StoreError::PreconditionFailed { .. })),
+            "{r:?}"
+        );
     }
     let won = results[winners[0]].clone().unwrap();
     assert!(won.created);
@@ -694,7 +689,7 @@ async fn conditional_writes_under_contention_have_one_winner() {
                     let op = Op::Put(b((n + 1).to_string()));
                     match write(&store, 1, b"counter", op, Condition::IfMatch(version)).await {
                         Ok(_) => break,
-                        Err(StoreError::PreconditionFailed) => retries += 1,
+                        Err(StoreError::PreconditionFailed { .. }) => retries += 1,
                         Err(e) => panic!("increment: {e}"),
                     }
                 }
