@@ -948,3 +948,79 @@ pub async fn serve(
     let idle = node.cfg.idle_timeout;
     crate::link::serve(listener, node.app(), idle, shutdown).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::ReplicateRequest;
+    use crate::wire::AckMode;
+
+    fn lead(in_sync: &[&str]) -> RoleRequest {
+        RoleRequest {
+            epoch: 1,
+            role: Role::Leader,
+            leader: None,
+            in_sync: in_sync.iter().map(|s| s.to_string()).collect(),
+            lease_ms: 60_000,
+            peers: vec![Peer {
+                id: "f".into(),
+                // Nobody listens: the follower never acknowledges.
+                address: "127.0.0.1:1".into(),
+            }],
+            slot_ranges: vec![],
+            mode: AckMode::Sync,
+            min_in_sync: 1,
+            round: 0,
+        }
+    }
+
+    /// A leader refuses a compare-and-set on a write not yet committed; in the same
+    /// writer batch, a newer leader's first round cuts that write away. The refusal must
+    /// not go out as a 412: it was decided on a state the key never kept. (Decided on the
+    /// log end read after the batch, it waited only for entries committed long before.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusal_decided_on_a_write_a_newer_leader_cuts_is_not_answered_412() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::open(NodeConfig::new("me", dir.path())).unwrap();
+        node.assign(lead(&["me"]), 0).await.unwrap();
+        let key = Bytes::from_static(b"k");
+        let put = |v: &'static str, cond| node.write(key.clone(), Op::Put(Bytes::from(v)), cond);
+        let v1 = put("v1", Condition::None).await.unwrap().version;
+        // From here writes wait for a follower that never answers: v2 stays uncommitted.
+        node.assign(lead(&["me", "f"]), 0).await.unwrap();
+        let pending = tokio::spawn({
+            let node = node.clone();
+            let key = key.clone();
+            async move {
+                node.write(key, Op::Put(Bytes::from("v2")), Condition::None)
+                    .await
+            }
+        });
+        while node.store.staged().last.seq < 2 {
+            tokio::task::yield_now().await;
+        }
+        // A durable checkpoint keeps the writer busy while the compare-and-set and the
+        // newer leader's round queue up behind it, in that order, for one batch.
+        let busy = node.store.checkpoint();
+        let newer = ReplicateRequest {
+            epoch: 2,
+            prev: v1,
+            commit: v1.seq,
+            leader_last: v1.seq,
+            entries: vec![],
+        };
+        let (_, cas, cut) = tokio::join!(
+            busy,
+            put("v3", Condition::IfMatch(v1)),
+            node.on_replicate(newer)
+        );
+        cut.expect("the newer leader's round is taken");
+        assert_eq!(node.store.state().last, v1, "v2 was cut away");
+        let refused = cas.expect_err("the key no longer holds v1 at this leader");
+        assert_eq!(
+            (refused.status, refused.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "value_not_committed")
+        );
+        assert!(pending.await.unwrap().is_err());
+    }
+}
