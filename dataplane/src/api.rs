@@ -353,7 +353,7 @@ const DRAIN_LIMIT: u64 = 8 << 20;
 /// `server_busy` if none comes free in time.
 pub async fn read_body(
     headers: &HeaderMap,
-    body: Body,
+    mut body: Body,
     limit: usize,
     what: &str,
     budget: &BodyBudget,
@@ -415,7 +415,6 @@ pub async fn read_body(
         e
     };
     use http_body_util::BodyExt;
-    let mut body = body;
     let mut held = Held::default();
     // One frame is the whole body in most requests: it is kept as it came, not copied.
     let mut first = Bytes::new();

@@ -39,10 +39,10 @@ pub struct Held(Option<OwnedSemaphorePermit>);
 
 /// No room came free in time.
 #[derive(Debug, thiserror::Error)]
-#[error("request bodies of {held} bytes are held already, the most this process holds; retry")]
+#[error("request bodies already hold all {budget} bytes this process keeps for them; retry")]
 pub struct Full {
     /// The budget, all of it held.
-    pub held: usize,
+    pub budget: usize,
 }
 
 impl BodyBudget {
@@ -72,7 +72,7 @@ impl BodyBudget {
             Ok(p) => p,
             Err(_) => tokio::time::timeout(self.wait, self.room.clone().acquire_many_owned(n))
                 .await
-                .map_err(|_| Full { held: self.bytes })?
+                .map_err(|_| Full { budget: self.bytes })?
                 .expect("the semaphore is never closed"),
         };
         match &mut held.0 {

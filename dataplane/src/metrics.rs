@@ -6,13 +6,12 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
-
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::MetricFamily;
 
 use crate::budget::BodyBudget;
 use crate::storage::CommitObserver;
