@@ -414,13 +414,33 @@ pub async fn read_body(
         e.close_connection = true;
         e
     };
+    let too_slow = |taken: usize| {
+        let mut e = ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_too_slow",
+            format!(
+                "the {what} came slower than {} KiB/s while {taken} bytes were kept for it",
+                crate::budget::MIN_RATE >> 10
+            ),
+        );
+        e.close_connection = true;
+        e
+    };
     use http_body_util::BodyExt;
     let mut held = Held::default();
     // One frame is the whole body in most requests: it is kept as it came, not copied.
     let mut first = Bytes::new();
     let mut joined: Option<BytesMut> = None;
     let (mut len, mut taken) = (0, 0);
-    while let Some(frame) = body.frame().await {
+    let mut due: Option<tokio::time::Instant> = None;
+    loop {
+        let next = match due {
+            Some(due) => tokio::time::timeout_at(due, body.frame())
+                .await
+                .map_err(|_| too_slow(taken))?,
+            None => body.frame().await,
+        };
+        let Some(frame) = next else { break };
         let Ok(data) = frame.map_err(invalid)?.into_data() else {
             continue; // trailers
         };
@@ -437,6 +457,12 @@ pub async fn read_body(
                 _ => need,
             };
             budget.take(want - taken, &mut held).await.map_err(full)?;
+            if let Some(d) = declared
+                && taken == 0
+            {
+                let rest = (d as usize).saturating_sub(len);
+                due = Some(tokio::time::Instant::now() + crate::budget::time_for(rest));
+            }
             taken = want;
         }
         match &mut joined {

@@ -882,14 +882,7 @@ async fn request_bodies_held_at_once_are_bounded() {
     shard.assign(0, 1, &[0]).await;
     let addr = shard.nodes[0].addr.clone();
     let http = Http::default();
-    let held = || async {
-        let metrics = http.get(&addr, "/metrics").await;
-        let text = String::from_utf8_lossy(&metrics.body).into_owned();
-        text.lines()
-            .find_map(|l| l.strip_prefix("distkv_request_body_bytes_held "))
-            .map(|v| v.trim().parse::<u64>().unwrap())
-            .expect("the node exports the bytes held")
-    };
+    let held = || body_bytes_held(&http, &addr);
     let mut holders = Vec::new();
     for i in 0..128 {
         let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -927,4 +920,52 @@ async fn request_bodies_held_at_once_are_bounded() {
         404,
         "a body never finished stores nothing"
     );
+}
+
+/// What a process reports holding of request bodies (`/metrics`).
+async fn body_bytes_held(http: &Http, addr: &str) -> u64 {
+    let metrics = http.get(addr, "/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("distkv_request_body_bytes_held "))
+        .map(|v| v.trim().parse::<u64>().unwrap())
+        .expect("the process exports the bytes held")
+}
+
+/// A body holding room for all it declared must keep coming, at 16 KiB/s on average
+/// after a 5 s grace: one that sends 64 KiB and then a byte every half second, never
+/// idle, is cut off with 408 `body_too_slow` once its time is up, and its room is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_holds_room_and_trickles_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let shard = Shard::start(1, AckMode::Sync, &["--max-value-bytes", "131072"]);
+    shard.assign(0, 1, &[0]).await;
+    let addr = shard.nodes[0].addr.clone();
+    let http = Http::default();
+    let (mut rd, mut wr) = tokio::net::TcpStream::connect(&addr)
+        .await
+        .unwrap()
+        .into_split();
+    let head = "PUT /v1/kv/slow HTTP/1.1\r\nhost: x\r\ncontent-length: 131072\r\n\r\n";
+    wr.write_all(head.as_bytes()).await.unwrap();
+    wr.write_all(&[b's'; 65_537]).await.unwrap();
+    let started = std::time::Instant::now();
+    let trickle = tokio::spawn(async move {
+        while wr.write_all(b"s").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut answer))
+        .await
+        .expect("the node cuts the body off")
+        .unwrap();
+    // 65,535 bytes to go: 4 s at 16 KiB/s, and the grace.
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(8), "cut off after {took:?}");
+    assert_first_answer(&String::from_utf8_lossy(&answer), 408, "body_too_slow");
+    trickle.abort();
+    assert_eq!(body_bytes_held(&http, &addr).await, 0);
+    let r = http.get(&addr, "/v1/kv/slow").await;
+    assert_eq!(r.status.as_u16(), 404, "nothing was stored");
 }
