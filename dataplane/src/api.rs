@@ -46,7 +46,7 @@ impl Limits {
 
     /// The room for request bodies a process with these limits holds at once.
     pub fn body_budget(&self) -> BodyBudget {
-        BodyBudget::for_limits(self.max_value_bytes, self.max_json_bytes())
+        BodyBudget::for_bodies_up_to(self.max_json_bytes())
     }
 }
 

@@ -34,8 +34,8 @@ pub fn time_for(remaining: usize) -> Duration {
     GRACE + Duration::from_secs_f64(remaining as f64 / MIN_RATE as f64)
 }
 
-/// How many of the largest values a process holds at once.
-const LARGEST_VALUES: usize = 64;
+/// Bytes of request bodies a process holds at once, unless one body may be larger.
+const BYTES: usize = 64 << 20;
 
 /// The room left for request bodies.
 #[derive(Clone)]
@@ -67,10 +67,9 @@ impl BodyBudget {
         }
     }
 
-    /// The budget for values up to `max_value` and bodies up to `max_body`: 64 of the
-    /// largest values (64 MiB by default), and never less than one whole body.
-    pub fn for_limits(max_value: usize, max_body: usize) -> Self {
-        Self::new((LARGEST_VALUES * max_value).max(max_body), WAIT)
+    /// The budget for bodies up to `max_body`: 64 MiB, or one such body if larger.
+    pub fn for_bodies_up_to(max_body: usize) -> Self {
+        Self::new(BYTES.max(max_body), WAIT)
     }
 
     /// Takes room for `bytes` more into `held`, waiting for it if need be.

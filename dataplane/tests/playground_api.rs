@@ -870,36 +870,38 @@ async fn connections_that_stall_are_closed_and_busy_ones_are_not() {
     }
 }
 
-/// The request bodies a replica holds at once are bounded: 64 of the largest values, 8 MiB
-/// with 128 KiB values. A body past its first 64 KiB holds room for all it declared;
-/// once 128 half-sent bodies fill the room, a large upload waits and is refused with 503
-/// `server_busy`, a small one is taken at once, and when the half-sent ones go, large
-/// uploads are taken again.
+/// The request bodies a replica holds at once are bounded: 64 MiB. A body past its first
+/// 64 KiB holds room for all it declared; once eight half-sent 8 MiB bodies hold all but
+/// 512 KiB, a 1 MiB upload waits and is refused with 503 `server_busy`, a small one is
+/// taken at once, and when the half-sent ones go, large uploads are taken again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_held_at_once_are_bounded() {
     use tokio::io::AsyncWriteExt;
-    let shard = Shard::start(1, AckMode::Sync, &["--max-value-bytes", "131072"]);
+    const DECLARED: usize = 8 << 20;
+    let shard = Shard::start(1, AckMode::Sync, &["--max-value-bytes", "8388608"]);
     shard.assign(0, 1, &[0]).await;
     let addr = shard.nodes[0].addr.clone();
     let http = Http::default();
     let held = || body_bytes_held(&http, &addr);
     let mut holders = Vec::new();
-    for i in 0..128 {
+    for i in 0..8 {
         let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
         let head =
-            format!("PUT /v1/kv/held{i} HTTP/1.1\r\nhost: x\r\ncontent-length: 131072\r\n\r\n");
+            format!("PUT /v1/kv/held{i} HTTP/1.1\r\nhost: x\r\ncontent-length: {DECLARED}\r\n\r\n");
         stream.write_all(head.as_bytes()).await.unwrap();
         stream.write_all(&[b'h'; 65_537]).await.unwrap();
         holders.push(stream);
     }
+    let all_but = (64 << 20) - 8 * (DECLARED - (64 << 10)) as u64;
+    assert_eq!(all_but, 512 << 10);
     eventually(
-        "the half-sent bodies to fill the room",
+        "the half-sent bodies to take their room",
         Duration::from_secs(10),
-        || async { (held().await == 8 << 20).then_some(()) },
+        || async { (held().await == (64 << 20) - all_but).then_some(()) },
     )
     .await;
 
-    let r = http.put(&addr, "large", vec![b'l'; 100 << 10]).await;
+    let r = http.put(&addr, "large", vec![b'l'; 1 << 20]).await;
     assert_eq!(
         (r.status.as_u16(), error_code(&r).as_str()),
         (503, "server_busy")
@@ -912,7 +914,7 @@ async fn request_bodies_held_at_once_are_bounded() {
         (held().await == 0).then_some(())
     })
     .await;
-    let r = http.put(&addr, "large", vec![b'l'; 100 << 10]).await;
+    let r = http.put(&addr, "large", vec![b'l'; 1 << 20]).await;
     assert_eq!(r.status.as_u16(), 201);
     let r = http.get(&addr, "/v1/kv/held0").await;
     assert_eq!(
