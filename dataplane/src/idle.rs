@@ -5,7 +5,9 @@
 //!
 //! A connection is closed once a whole period passes in which not one byte moved either
 //! way while the server waited on it. Requests being worked on are not waited on, so a
-//! slow answer does not count against its connection.
+//! slow answer does not count against its connection. A request's headers must also
+//! arrive whole within the period ([`serve`]): a client sending a header byte now and
+//! then is never idle, and would hold its connection for as long as the headers may be.
 
 use std::future::Future;
 use std::io;
@@ -44,6 +46,56 @@ impl<L: axum::serve::Listener> axum::serve::Listener for IdleClosing<L> {
     fn local_addr(&self) -> io::Result<Self::Addr> {
         self.inner.local_addr()
     }
+}
+
+/// Serves `app` on the connections of `listener` until `shutdown`, then waits for the
+/// requests under way: `axum::serve`, with its headers limit.
+pub async fn serve<L>(
+    listener: IdleClosing<L>,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()>
+where
+    L: axum::serve::Listener,
+{
+    use axum::serve::Listener;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
+    let headers_within = listener.limit;
+    // Each connection holds a receiver: `closed` resolves once all of them are done.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut listener = listener;
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (io, _) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let mut stopping = stopping.clone();
+        tokio::spawn(async move {
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(headers_within);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stopping.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+            drop(stopping);
+        });
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    drop(stopping);
+    stop.closed().await;
+    Ok(())
 }
 
 /// A connection that fails with `TimedOut` after a period without progress.

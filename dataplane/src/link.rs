@@ -638,12 +638,11 @@ pub async fn serve(
         idle,
     ));
     let http = crate::idle::IdleClosing::new(HttpConnections { rx: http_rx, local }, idle);
-    let result = axum::serve(http, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .await;
+    let result = crate::idle::serve(http, app, async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    })
+    .await;
     acceptor.abort();
     let _ = acceptor.await;
     while live_rx.recv().await.is_some() {}

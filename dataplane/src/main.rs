@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use dataplane::api::Limits;
-use dataplane::idle::IdleClosing;
+use dataplane::idle::{self, IdleClosing};
 use dataplane::node::{Node, NodeConfig};
 use dataplane::playground::{self, PlaygroundConfig};
 use dataplane::router::{Router, RouterConfig};
@@ -310,7 +310,7 @@ async fn run_node(args: NodeArgs) -> Result<()> {
 }
 
 async fn run_router(args: RouterArgs) -> Result<()> {
-    let idle = args
+    let idle_limit = args
         .idle
         .limit(args.request_timeout_ms, "--request-timeout-ms")?;
     let router = Router::new(RouterConfig {
@@ -322,13 +322,17 @@ async fn run_router(args: RouterArgs) -> Result<()> {
     let admin = bind(&args.admin_listen, "admin").await?;
     let admin_app = router.admin_app();
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(IdleClosing::new(admin, idle), admin_app).await {
+        let forever = std::future::pending();
+        if let Err(e) = idle::serve(IdleClosing::new(admin, idle_limit), admin_app, forever).await {
             tracing::error!(error = %e, "admin listener failed");
         }
     });
-    axum::serve(IdleClosing::new(public, idle), router.app())
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    idle::serve(
+        IdleClosing::new(public, idle_limit),
+        router.app(),
+        shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 

@@ -791,8 +791,9 @@ fn an_idle_timeout_below_the_request_timeout_is_refused() {
 }
 
 /// A connection that says nothing, or stops in the middle of its headers or body, is
-/// closed after `--idle-timeout-ms`, on a node and on both router ports; one that keeps
-/// talking stays open longer than that.
+/// closed after `--idle-timeout-ms`, on a node and on both router ports, and so is one
+/// whose headers, sent a byte at a time, are not whole by then; one that keeps talking
+/// stays open longer than that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_stall_are_closed_and_busy_ones_are_not() {
     use std::io::{BufRead, BufReader};
@@ -848,6 +849,29 @@ async fn connections_that_stall_are_closed_and_busy_ones_are_not() {
                 "{what} connection to {addr} still open after 10 s"
             );
         }
+        // Headers a byte every 100 ms: never idle, but not whole within the timeout.
+        let (mut rd, mut wr) = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap()
+            .into_split();
+        let trickle = tokio::spawn(async move {
+            for b in b"GET /healthz HTTP/1.1\r\nx-slow: "
+                .iter()
+                .chain(&[b'a'; 40])
+            {
+                if wr.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut rest));
+        assert!(
+            closed.await.is_ok(),
+            "connection to {addr} trickling its headers still open after 5 s"
+        );
+        trickle.abort();
         // Five requests 150 ms apart: twice the idle timeout in all, never idle for it.
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         for i in 0..5 {
