@@ -1,6 +1,8 @@
 //! The public HTTP API shared by nodes and routers: request parsing, limits, and errors
 //! as `{"error": {"code", "message"}}`.
 
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -342,6 +344,14 @@ fn excerpt(v: &str) -> String {
     }
 }
 
+/// The slowest a request body may arrive, on average, after [`BODY_GRACE`]. A client
+/// sending a byte now and then is never idle, and would hold its connection, and the
+/// room its body takes in the [`BodyBudget`], for as long as the body may be.
+pub const BODY_MIN_RATE: usize = 16 << 10;
+
+/// Time a body gets on top of what [`BODY_MIN_RATE`] allows.
+pub const BODY_GRACE: Duration = Duration::from_secs(5);
+
 /// A refused body up to this size is read and thrown away before the 413 goes out, so the
 /// client, still sending, reads the answer instead of a reset connection.
 const DRAIN_LIMIT: u64 = 8 << 20;
@@ -350,7 +360,8 @@ const DRAIN_LIMIT: u64 = 8 << 20;
 /// oversized body is drained when it is at most [`DRAIN_LIMIT`] and the connection stays
 /// open; a larger or undeclared one is left unread and the answer closes the connection.
 /// The body holds room in `budget` until the returned [`Held`] is dropped; 503
-/// `server_busy` if none comes free in time.
+/// `server_busy` if none comes free in time. 408 `body_too_slow` for a body arriving
+/// slower than [`BODY_MIN_RATE`] after [`BODY_GRACE`], which closes the connection.
 pub async fn read_body(
     headers: &HeaderMap,
     mut body: Body,
@@ -414,31 +425,40 @@ pub async fn read_body(
         e.close_connection = true;
         e
     };
-    let too_slow = |taken: usize| {
+    let too_slow = || {
         let mut e = ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_too_slow",
             format!(
-                "the {what} came slower than {} KiB/s while {taken} bytes were kept for it",
-                crate::budget::MIN_RATE >> 10
+                "the {what} came slower than {} KiB/s after the first {} s",
+                BODY_MIN_RATE >> 10,
+                BODY_GRACE.as_secs()
             ),
         );
         e.close_connection = true;
         e
     };
+    use futures_util::FutureExt;
     use http_body_util::BodyExt;
+    let started = tokio::time::Instant::now();
     let mut held = Held::default();
     // One frame is the whole body in most requests: it is kept as it came, not copied.
     let mut first = Bytes::new();
     let mut joined: Option<BytesMut> = None;
     let (mut len, mut taken) = (0, 0);
-    let mut due: Option<tokio::time::Instant> = None;
     loop {
-        let next = match due {
-            Some(due) => tokio::time::timeout_at(due, body.frame())
-                .await
-                .map_err(|_| too_slow(taken))?,
-            None => body.frame().await,
+        // Most bodies are here with their headers: a timer only for one that is not.
+        let next = match body.frame().now_or_never() {
+            Some(next) => next,
+            None => {
+                let total = declared.map_or(len, |d| d as usize).max(len);
+                let due = started
+                    + BODY_GRACE
+                    + Duration::from_secs_f64(total as f64 / BODY_MIN_RATE as f64);
+                tokio::time::timeout_at(due, body.frame())
+                    .await
+                    .map_err(|_| too_slow())?
+            }
         };
         let Some(frame) = next else { break };
         let Ok(data) = frame.map_err(invalid)?.into_data() else {
@@ -457,12 +477,6 @@ pub async fn read_body(
                 _ => need,
             };
             budget.take(want - taken, &mut held).await.map_err(full)?;
-            if let Some(d) = declared
-                && taken == 0
-            {
-                let rest = (d as usize).saturating_sub(len);
-                due = Some(tokio::time::Instant::now() + crate::budget::time_for(rest));
-            }
             taken = want;
         }
         match &mut joined {

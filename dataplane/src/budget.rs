@@ -9,8 +9,9 @@
 //! holds nothing. The first [`UNCOUNTED`] bytes of each body never count: small writes
 //! never wait, whatever large ones hold. A body that declares its length takes room for
 //! all of it at once when its first counted byte arrives, so bodies do not each hold
-//! part and wait for each other. It must then keep coming at [`MIN_RATE`] on average,
-//! or a client could hold the room by sending a byte now and then.
+//! part and wait for each other; one that then comes too slowly is cut off
+//! ([`crate::api::BODY_MIN_RATE`]), so a client cannot hold the room by sending a byte
+//! now and then.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,17 +23,6 @@ pub const UNCOUNTED: usize = 64 << 10;
 
 /// How long a body waits for room before its request is refused.
 const WAIT: Duration = Duration::from_secs(5);
-
-/// The slowest a body holding room for all it declared may arrive, on average.
-pub const MIN_RATE: usize = 16 << 10;
-
-/// Time a body holding room gets on top of what [`MIN_RATE`] allows.
-const GRACE: Duration = Duration::from_secs(5);
-
-/// How long the `remaining` bytes of a body that holds room for them may take.
-pub fn time_for(remaining: usize) -> Duration {
-    GRACE + Duration::from_secs_f64(remaining as f64 / MIN_RATE as f64)
-}
 
 /// Bytes of request bodies a process holds at once, unless one body may be larger.
 const BYTES: usize = 64 << 20;
