@@ -550,6 +550,9 @@ impl Supervisor {
             return;
         }
         self.state = decision.state;
+        // The lease runs from the send, which the save above put after the decision: so
+        // must the wait before a leader is replaced, as in the operator.
+        self.state.leases_sent(&decision.actions, self.now_ms());
         let mut roles = Vec::new();
         let mut topology = None;
         for action in decision.actions {
