@@ -440,7 +440,8 @@ pub async fn read_body(
     };
     use futures_util::FutureExt;
     use http_body_util::BodyExt;
-    let started = tokio::time::Instant::now();
+    // Taken when the body first has to be waited for: not on the path of one that has not.
+    let mut started = None;
     let mut held = Held::default();
     // One frame is the whole body in most requests: it is kept as it came, not copied.
     let mut first = Bytes::new();
@@ -451,6 +452,7 @@ pub async fn read_body(
         let next = match body.frame().now_or_never() {
             Some(next) => next,
             None => {
+                let started = *started.get_or_insert_with(tokio::time::Instant::now);
                 let total = declared.map_or(len, |d| d as usize).max(len);
                 let due = started
                     + BODY_GRACE

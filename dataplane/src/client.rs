@@ -122,45 +122,38 @@ impl HttpClient {
         timeout: Duration,
     ) -> Result<Response, ClientError> {
         let addr = authority(&req);
-        tokio::time::timeout(timeout, self.exchange(req))
-            .await
-            .map_err(|_| ClientError::Timeout(addr))?
+        let answered = tokio::time::timeout(timeout, self.exchange(req, &addr)).await;
+        answered.map_err(|_| ClientError::Timeout(addr))?
     }
 
-    /// Sends a request and buffers the answer, however long that takes.
-    async fn exchange(&self, req: Request<RequestBody>) -> Result<Response, ClientError> {
-        let addr = authority(&req);
-        let call = async {
-            let resp = self.inner.request(req).await.map_err(|e| {
-                let message = error_chain(&e);
-                if e.is_connect() {
-                    ClientError::Connect {
-                        addr: addr.clone(),
-                        message,
-                    }
-                } else {
-                    ClientError::Transport {
-                        addr: addr.clone(),
-                        message,
-                    }
-                }
-            })?;
-            let (parts, body) = resp.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map_err(|e| ClientError::Transport {
-                    addr: addr.clone(),
-                    message: e.to_string(),
-                })?
-                .to_bytes();
-            Ok(Response {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            })
-        };
-        call.await
+    /// Sends a request to `addr` and buffers the answer, however long that takes.
+    async fn exchange(
+        &self,
+        req: Request<RequestBody>,
+        addr: &str,
+    ) -> Result<Response, ClientError> {
+        let resp = self.inner.request(req).await.map_err(|e| {
+            let (addr, message) = (addr.to_string(), error_chain(&e));
+            if e.is_connect() {
+                ClientError::Connect { addr, message }
+            } else {
+                ClientError::Transport { addr, message }
+            }
+        })?;
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| ClientError::Transport {
+                addr: addr.to_string(),
+                message: e.to_string(),
+            })?
+            .to_bytes();
+        Ok(Response {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
     }
 
     /// Builds and sends `method http://addr path` with `body`.
@@ -238,7 +231,7 @@ impl HttpClient {
             &[("content-type", "application/octet-stream")],
             StreamBody::new(stream).boxed(),
         )?;
-        let call = self.exchange(req);
+        let call = self.exchange(req, addr);
         tokio::pin!(call);
         let mut seen = 0;
         loop {

@@ -51,7 +51,7 @@ impl<L: axum::serve::Listener> axum::serve::Listener for IdleClosing<L> {
 /// Serves `app` on the connections of `listener` until `shutdown`, then waits for the
 /// requests under way: `axum::serve`, with its headers limit.
 pub async fn serve<L>(
-    listener: IdleClosing<L>,
+    mut listener: IdleClosing<L>,
     app: axum::Router,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()>
@@ -66,7 +66,6 @@ where
     let headers_within = listener.limit;
     // Each connection holds a receiver: `closed` resolves once all of them are done.
     let (stop, stopping) = tokio::sync::watch::channel(false);
-    let mut listener = listener;
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (io, _) = tokio::select! {
